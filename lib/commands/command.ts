@@ -21,7 +21,12 @@ export function parseCommandArgs<O extends Options>(
   allowPositionals = false,
 ) {
   try {
-    return parseArgs({ args: argv, options: { ...options, help: { type: "boolean", short: "h" } }, allowPositionals, strict: true });
+    return parseArgs({
+      args: argv,
+      options: { ...options, help: { type: "boolean", short: "h" } },
+      allowPositionals,
+      strict: true,
+    });
   } catch (e) {
     throw new UsageError(`${command}: ${(e as Error).message}. Run 'clip ${command} --help' for usage.`);
   }
@@ -31,6 +36,8 @@ export function parseCommandArgs<O extends Options>(
 export function intFlag(command: string, name: string, value: string | undefined, fallback: number): number {
   if (value === undefined) return fallback;
   const n = Number(value);
-  if (!Number.isInteger(n) || n < 0) throw new UsageError(`${command}: --${name} must be a non-negative integer, got '${value}'.`);
+  if (!Number.isInteger(n) || n < 0) {
+    throw new UsageError(`${command}: --${name} must be a non-negative integer, got '${value}'.`);
+  }
   return n;
 }

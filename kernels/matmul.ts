@@ -1,0 +1,103 @@
+// Batched matmul from storage buffers: C[b] = act(op(A[b]) op(B[b]) + bias). Each invocation computes a TM x TN
+// register tile; operands are addressed through baked strides, so transposed operands and a batch-shared B need no
+// copies. This is the portable kernel; faster specialisations (texture operands on the CPU fallback) sit beside it.
+import { type Kernel } from "../lib/gpu/runtime.ts";
+import { UNARY_HELPERS_WGSL, unaryExpression, type UnaryOp } from "./elementwise.ts";
+
+export interface MatmulSpec {
+  batch: number;
+  m: number;
+  n: number;
+  k: number;
+  transA: boolean;
+  transB: boolean;
+  /** Elements between consecutive batch entries of A and B (0: shared across the batch). */
+  aBatchStride: number;
+  bBatchStride: number;
+  bias: boolean;
+  activation: UnaryOp | null;
+  /** Also write the pre-activation values (needed for the backward pass of a fused activation). */
+  savePreActivation: boolean;
+  /** Add a residual tensor of C's shape after the activation. */
+  residual: boolean;
+}
+
+const TM = 4;
+const TN = 4;
+const WG_X = 8;
+const WG_Y = 8;
+
+export function matmulWorkgroups(spec: MatmulSpec): [number, number, number] {
+  return [Math.ceil(spec.n / (TN * WG_X)), Math.ceil(spec.m / (TM * WG_Y)), spec.batch];
+}
+
+export function matmulKernel(spec: MatmulSpec): Kernel {
+  const { m, n, k, transA, transB, aBatchStride, bBatchStride } = spec;
+  const key = `matmul_buf/${JSON.stringify(spec)}`;
+  // Element (row, col) of op(A) and op(B).
+  const aAt = (r: string, c: string) =>
+    transA ? `a[aBase + (${c}) * ${m}u + (${r})]` : `a[aBase + (${r}) * ${k}u + (${c})]`;
+  const bAt = (r: string, c: string) =>
+    transB ? `b[bBase + (${c}) * ${k}u + (${r})]` : `b[bBase + (${r}) * ${n}u + (${c})]`;
+  let binding = 3;
+  const extra: string[] = [];
+  if (spec.bias) extra.push(`@group(0) @binding(${binding++}) var<storage, read> bias: array<f32>;`);
+  if (spec.residual) extra.push(`@group(0) @binding(${binding++}) var<storage, read> residual: array<f32>;`);
+  if (spec.savePreActivation) extra.push(`@group(0) @binding(${binding++}) var<storage, read_write> pre: array<f32>;`);
+  const epilogue = [
+    `var z = acc[ti][tj];`,
+    spec.bias ? `z += bias[col];` : "",
+    spec.savePreActivation ? `pre[idx] = z;` : "",
+    `var y = ${spec.activation ? unaryExpression(spec.activation, "z") : "z"};`,
+    spec.residual ? `y += residual[idx];` : "",
+    `c[idx] = y;`,
+  ].filter(Boolean).join("\n        ");
+  return {
+    key,
+    wgsl: () =>
+      `${UNARY_HELPERS_WGSL}
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;
+${extra.join("\n")}
+
+@compute @workgroup_size(${WG_X}, ${WG_Y})
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let batch = gid.z;
+  let aBase = batch * ${aBatchStride}u;
+  let bBase = batch * ${bBatchStride}u;
+  let cBase = batch * ${m * n}u;
+  let row0 = gid.y * ${TM}u;
+  let col0 = gid.x * ${TN}u;
+  var acc: array<array<f32, ${TN}>, ${TM}>;
+  for (var kk = 0u; kk < ${k}u; kk++) {
+    var av: array<f32, ${TM}>;
+    var bv: array<f32, ${TN}>;
+    for (var ti = 0u; ti < ${TM}u; ti++) {
+      let r = min(row0 + ti, ${m - 1}u);
+      av[ti] = ${aAt("r", "kk")};
+    }
+    for (var tj = 0u; tj < ${TN}u; tj++) {
+      let cc = min(col0 + tj, ${n - 1}u);
+      bv[tj] = ${bAt("kk", "cc")};
+    }
+    for (var ti = 0u; ti < ${TM}u; ti++) {
+      for (var tj = 0u; tj < ${TN}u; tj++) {
+        acc[ti][tj] = fma(av[ti], bv[tj], acc[ti][tj]);
+      }
+    }
+  }
+  for (var ti = 0u; ti < ${TM}u; ti++) {
+    let row = row0 + ti;
+    if (row >= ${m}u) { break; }
+    for (var tj = 0u; tj < ${TN}u; tj++) {
+      let col = col0 + tj;
+      if (col < ${n}u) {
+        let idx = cBase + row * ${n}u + col;
+        ${epilogue}
+      }
+    }
+  }
+}`,
+  };
+}
