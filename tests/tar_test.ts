@@ -330,8 +330,8 @@ Deno.test("tar: stopping early cancels the underlying stream", async () => {
   assert.equal(stream.cancelled, true);
 });
 
-Deno.test("tar: reads a file at a useful speed", async () => {
-  // A WebDataset-like mix: 4 KiB captions/json next to 60 KiB images, plus a few MiB-sized members. 96 MiB in all.
+Deno.test("tar: reads a file nearly as fast as the file streams", async () => {
+  // A WebDataset-like mix: 4 KiB captions next to 60 KiB images, plus a few MiB-sized members; about 64 MiB.
   const dir = await Deno.makeTempDir();
   try {
     const path = `${dir}/speed.tar`;
@@ -340,7 +340,7 @@ Deno.test("tar: reads a file at a useful speed", async () => {
     const caption = pseudoRandomBytes(4 * 1024, 12);
     const big = pseudoRandomBytes(4 << 20, 13);
     let total = 0;
-    for (let i = 0; total < 80 << 20; i++) {
+    for (let i = 0; total < 48 << 20; i++) {
       await writer.add(`${String(i).padStart(6, "0")}.jpg`, image);
       await writer.add(`${String(i).padStart(6, "0")}.txt`, caption);
       total += image.length + caption.length;
@@ -348,19 +348,24 @@ Deno.test("tar: reads a file at a useful speed", async () => {
     for (let i = 0; i < 4; i++) await writer.add(`big${i}.bin`, big);
     await writer.close();
     const size = (await Deno.stat(path)).size;
-    let best = 0;
-    for (let round = 0; round < 2; round++) {
-      const file = await Deno.open(path);
-      const start = performance.now();
+    // Raw streaming and tar reading alternate so both see the same machine load; the best of each is kept.
+    let bestRaw = 0, bestTar = 0;
+    for (let round = 0; round < 3; round++) {
+      let start = performance.now();
       let bytes = 0;
-      for await (const entry of readTar(file.readable)) bytes += entry.size;
-      const seconds = (performance.now() - start) / 1000;
+      for await (const chunk of (await Deno.open(path)).readable) bytes += chunk.length;
+      bestRaw = Math.max(bestRaw, bytes / (performance.now() - start) / 1e3);
+      start = performance.now();
+      bytes = 0;
+      for await (const entry of readTar((await Deno.open(path)).readable)) bytes += entry.size;
+      bestTar = Math.max(bestTar, size / (performance.now() - start) / 1e3);
       assert.equal(bytes, total + 4 * big.length);
-      best = Math.max(best, size / seconds / 1e6);
     }
-    console.log(`tar read speed: ${best.toFixed(0)} MB/s over ${(size / 1e6).toFixed(0)} MB`);
-    // The target is 300 MB/s; the bound here leaves room for a loaded shared machine.
-    assert.ok(best > 150, `tar read speed ${best.toFixed(0)} MB/s`);
+    console.log(
+      `tar read: ${bestTar.toFixed(0)} MB/s; plain file stream: ${bestRaw.toFixed(0)} MB/s (${size / 1e6} MB)`,
+    );
+    // Parsing plus one copy of each member may add at most 1.5 times the time of the read itself.
+    assert.ok(bestTar > 0.4 * bestRaw, `tar read ${bestTar.toFixed(0)} MB/s vs stream ${bestRaw.toFixed(0)} MB/s`);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
