@@ -1,0 +1,67 @@
+import type { Gpu } from "../gpu/runtime.ts";
+import { exp, l2Normalize, matmul, mul } from "../tensor/ops.ts";
+import { fromArray } from "../tensor/create.ts";
+import type { Tensor } from "../tensor/tensor.ts";
+import type { UnaryOp } from "../../kernels/elementwise.ts";
+import { type ClipConfig, expectedShapes, isResNetVision } from "./config.ts";
+import { initParameters } from "./init.ts";
+import { expectShape, type HostTensor, Params } from "./params.ts";
+import { encodeImageResNet } from "./resnet.ts";
+import { encodeTextTower, eotPositions } from "./text.ts";
+import { encodeImageViT } from "./vit.ts";
+
+/** A CLIP model: its config (as data) and its parameters by open_clip name. */
+export class ClipModel {
+  constructor(readonly config: ClipConfig, readonly params: Params) {
+    for (const [name, shape] of expectedShapes(config)) expectShape(name, params.get(name), shape);
+  }
+
+  /** A freshly initialised model (open_clip's initialisation), deterministic in `seed`. */
+  static init(gpu: Gpu, config: ClipConfig, seed = 0): ClipModel {
+    return new ClipModel(config, Params.upload(gpu, initParameters(config, seed)));
+  }
+
+  static fromStateDict(gpu: Gpu, config: ClipConfig, state: Map<string, HostTensor>): ClipModel {
+    return new ClipModel(config, Params.upload(gpu, state));
+  }
+
+  get activation(): UnaryOp {
+    return this.config.quick_gelu ? "quick_gelu" : "gelu";
+  }
+
+  get contextLength(): number {
+    return this.config.text_cfg.context_length;
+  }
+
+  /** Image features before normalisation: [B, 3, S, S] -> [B, embed_dim]. */
+  encodeImage(images: Tensor, training = false): Tensor {
+    const v = this.config.vision_cfg;
+    return isResNetVision(v)
+      ? encodeImageResNet(this.params, v, images, training)
+      : encodeImageViT(this.params, v, this.activation, images);
+  }
+
+  /** Text features before normalisation from token ids i32 [B, ctx] (EOT positions computed from the host copy). */
+  encodeText(tokens: Int32Array): Tensor {
+    const ctx = this.contextLength;
+    const gpu = this.params.gpu;
+    const rows = tokens.length / ctx;
+    const ids = fromArray(gpu, tokens, [rows, ctx]);
+    const eot = fromArray(gpu, eotPositions(tokens, ctx), [rows]);
+    return encodeTextTower(this.params, this.config.text_cfg, this.activation, ids, eot);
+  }
+
+  /** exp(logit_scale) as a 0-d tensor. */
+  logitScaleExp(): Tensor {
+    return exp(this.params.get("logit_scale"));
+  }
+
+  /** Normalised features and logits_per_image = exp(t) * I T^T. */
+  forward(images: Tensor, tokens: Int32Array, training = false) {
+    const imageFeatures = l2Normalize(this.encodeImage(images, training));
+    const textFeatures = l2Normalize(this.encodeText(tokens));
+    const logitScale = this.logitScaleExp();
+    const logitsPerImage = mul(matmul(imageFeatures, textFeatures, { transB: true }), logitScale);
+    return { imageFeatures, textFeatures, logitScale, logitsPerImage };
+  }
+}

@@ -1,0 +1,86 @@
+// Building blocks shared by the towers, written over open_clip parameter names so that weights load without renaming.
+import type { UnaryOp } from "../../kernels/elementwise.ts";
+import { add, layerNorm, matmul, permute, reshape, scale, slice, softmax } from "../tensor/ops.ts";
+import type { Tensor } from "../tensor/tensor.ts";
+import { LAYER_NORM_EPS } from "./config.ts";
+import type { Params } from "./params.ts";
+
+/** y = x W^T + b (+ activation, + residual) over the last axis, as torch.nn.Linear stores W [out, in]. */
+export function linear(
+  p: Params,
+  prefix: string,
+  x: Tensor,
+  opts: { activation?: UnaryOp | null; residual?: Tensor; bias?: boolean } = {},
+): Tensor {
+  const w = p.get(`${prefix}.weight`);
+  const lead = x.shape.slice(0, -1);
+  const x2 = reshape(x, [-1, x.shape[x.rank - 1]]);
+  const residual = opts.residual ? reshape(opts.residual, [-1, w.shape[0]]) : undefined;
+  const bias = opts.bias === false ? undefined : p.get(`${prefix}.bias`);
+  const y = matmul(x2, w, { transB: true, bias, activation: opts.activation ?? null, residual });
+  return reshape(y, [...lead, w.shape[0]]);
+}
+
+export function layerNormP(p: Params, prefix: string, x: Tensor): Tensor {
+  return layerNorm(x, p.get(`${prefix}.weight`), p.get(`${prefix}.bias`), LAYER_NORM_EPS);
+}
+
+/**
+ * Multi-head scaled dot-product attention on [B, T, W] inputs with packed q/k/v projections
+ * (`in_proj_weight` [3W, W], `in_proj_bias` [3W]) as torch.nn.MultiheadAttention stores them; adds `residual`
+ * to the output projection.
+ */
+export function selfAttention(
+  p: Params,
+  prefix: string,
+  x: Tensor,
+  heads: number,
+  causal: boolean,
+  residual: Tensor,
+): Tensor {
+  const [b, t, w] = x.shape;
+  const dh = w / heads;
+  const qkv = matmul(reshape(x, [b * t, w]), p.get(`${prefix}.in_proj_weight`), {
+    transB: true,
+    bias: p.get(`${prefix}.in_proj_bias`),
+  });
+  // [B, T, 3, H, Dh] -> [3, B, H, T, Dh]: one permute splits heads for q, k and v together.
+  const split = permute(reshape(qkv, [b, t, 3, heads, dh]), [2, 0, 3, 1, 4]);
+  const q = reshape(slice(split, 0, 0, 1), [b, heads, t, dh]);
+  const k = reshape(slice(split, 0, 1, 2), [b, heads, t, dh]);
+  const v = reshape(slice(split, 0, 2, 3), [b, heads, t, dh]);
+  const scores = scale(matmul(q, k, { transB: true }), 1 / Math.sqrt(dh));
+  const attn = matmul(softmax(scores, { causal }), v); // [B, H, T, Dh]
+  const merged = reshape(permute(attn, [0, 2, 1, 3]), [b, t, w]);
+  return linear(p, `${prefix}.out_proj`, merged, { residual });
+}
+
+/** open_clip's ResidualAttentionBlock: x + attn(ln_1(x)), then + mlp(ln_2(x)). */
+export function residualAttentionBlock(
+  p: Params,
+  prefix: string,
+  x: Tensor,
+  heads: number,
+  causal: boolean,
+  activation: UnaryOp,
+): Tensor {
+  const h = selfAttention(p, `${prefix}.attn`, layerNormP(p, `${prefix}.ln_1`, x), heads, causal, x);
+  const hidden = linear(p, `${prefix}.mlp.c_fc`, layerNormP(p, `${prefix}.ln_2`, h), { activation });
+  return linear(p, `${prefix}.mlp.c_proj`, hidden, { residual: h });
+}
+
+export function transformer(
+  p: Params,
+  prefix: string,
+  x: Tensor,
+  layers: number,
+  heads: number,
+  causal: boolean,
+  activation: UnaryOp,
+): Tensor {
+  for (let i = 0; i < layers; i++) x = residualAttentionBlock(p, `${prefix}.resblocks.${i}`, x, heads, causal, activation);
+  return x;
+}
+
+/** x + y, named for readability at residual connections. */
+export const residualAdd = add;
