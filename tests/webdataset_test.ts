@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ClipError } from "../lib/errors.ts";
+import { ClipError, UsageError } from "../lib/errors.ts";
 import { Rng } from "../lib/data/rng.ts";
 import { TarWriter } from "../lib/data/tar_writer.ts";
 import {
@@ -393,6 +393,7 @@ Deno.test("webdataset: a saved position resumes the exact remaining stream", asy
     assert.equal(rest[0], "s3_1");
     assert.deepEqual(opened, shards.slice(3));
 
+    assert.throws(() => new WebDatasetReader({ shards, resampled: true, workerIndex: 2, workerCount: 2 }), UsageError);
     const saved = new WebDatasetReader({ shards, seed: 1 }).position();
     assert.throws(() => new WebDatasetReader({ shards, seed: 2, resumeFrom: saved }), ClipError);
   });

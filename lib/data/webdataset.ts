@@ -191,14 +191,20 @@ interface ShardOrder {
   readonly length: number;
 }
 
-function epochOrder(
-  opts: Required<Pick<WebDatasetOptions, "seed" | "shardIndex" | "shardCount" | "workerIndex" | "workerCount">> & {
-    shards: readonly string[];
-    shuffleShards: boolean;
-    resampled: boolean;
-    epoch: number;
-  },
-): ShardOrder {
+/** The settings that fix which shards a reader visits, and in what order. */
+interface OrderSettings {
+  shards: readonly string[];
+  seed: number;
+  epoch: number;
+  shuffleShards: boolean;
+  resampled: boolean;
+  shardIndex: number;
+  shardCount: number;
+  workerIndex: number;
+  workerCount: number;
+}
+
+function epochOrder(opts: OrderSettings): ShardOrder {
   if (opts.resampled) {
     const rng = Rng.derive(opts.seed, opts.epoch, opts.shardIndex, opts.workerIndex, 0x5a3d);
     const draws: number[] = [];
@@ -236,6 +242,12 @@ function checkInteger(name: string, value: number, min: number): void {
   if (!Number.isSafeInteger(value) || value < min) {
     throw new UsageError(`${name} must be an integer >= ${min}, got ${value}`);
   }
+}
+
+function checkPartition(what: string, index: number, count: number): void {
+  checkInteger(`${what} count`, count, 1);
+  checkInteger(`${what} index`, index, 0);
+  if (index >= count) throw new UsageError(`${what} index ${index} must be below the ${what} count ${count}`);
 }
 
 /**
@@ -280,6 +292,8 @@ export class WebDatasetReader {
     };
     checkInteger("seed", settings.seed, Number.MIN_SAFE_INTEGER);
     checkInteger("shuffle buffer", settings.shuffleBuffer, 0);
+    checkPartition("shard", settings.shardIndex, settings.shardCount);
+    checkPartition("worker", settings.workerIndex, settings.workerCount);
     if (opts.numSamples !== undefined) checkInteger("number of samples", opts.numSamples, 0);
     const resume = opts.resumeFrom;
     if (resume && opts.epoch !== undefined && opts.epoch !== resume.epoch) {
@@ -366,7 +380,7 @@ export class WebDatasetReader {
       yield this.#handOut(out);
       if (this.#yielded >= this.#limit) return;
     }
-    this.#cursor = this.#order.length;
+    this.#cursor = this.#order.length; // finite here: a resampled source never runs out
     this.#inShard = 0;
     while (this.#buffer.length > 0) {
       const k = this.#rng.int(this.#buffer.length);
