@@ -260,13 +260,13 @@ class ConfigReader {
   }
 
   positiveInt(obj: Record<string, unknown>, field: string, prefix: string, fallback?: number): number {
-    const v = obj[field] ?? fallback;
+    const v = obj[field] === undefined ? fallback : obj[field];
     if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0) this.fail(prefix + field, "a positive integer", v);
     return v;
   }
 
   positiveNumber(obj: Record<string, unknown>, field: string, prefix: string, fallback?: number): number {
-    const v = obj[field] ?? fallback;
+    const v = obj[field] === undefined ? fallback : obj[field];
     if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) this.fail(prefix + field, "a positive number", v);
     return v;
   }
@@ -306,7 +306,7 @@ export function parseClipConfig(json: unknown, source = "config"): ClipConfig {
   if (!isRecord(json)) r.fail("the config", "a JSON object", json);
   r.restrict(json, "", new Set(["embed_dim", "quick_gelu", "vision_cfg", "text_cfg"]), TOP_FIXED, TOP_IGNORED);
   const embed_dim = r.positiveInt(json, "embed_dim", "");
-  const quick = json.quick_gelu ?? false;
+  const quick = json.quick_gelu === undefined ? false : json.quick_gelu;
   if (typeof quick !== "boolean") r.fail("quick_gelu", "a boolean", quick);
   if (!isRecord(json.vision_cfg)) r.fail("vision_cfg", "an object", json.vision_cfg);
   if (!isRecord(json.text_cfg)) r.fail("text_cfg", "an object", json.text_cfg);
@@ -319,14 +319,14 @@ export function parseClipConfig(json: unknown, source = "config"): ClipConfig {
 }
 
 function parseImageSize(r: ConfigReader, v: Record<string, unknown>): number {
-  const size = v.image_size ?? VISION_DEFAULTS.image_size;
+  const size = v.image_size === undefined ? VISION_DEFAULTS.image_size : v.image_size;
   if (Array.isArray(size)) {
     if (size.length === 2 && size[0] === size[1]) {
       return r.positiveInt({ image_size: size[0] }, "image_size", "vision_cfg.");
     }
     r.fail("vision_cfg.image_size", "an integer or a square [size, size] pair", size);
   }
-  return r.positiveInt(v, "image_size", "vision_cfg.");
+  return r.positiveInt(v, "image_size", "vision_cfg.", VISION_DEFAULTS.image_size);
 }
 
 function parseVision(r: ConfigReader, v: Record<string, unknown>): VisionConfig {
@@ -336,7 +336,7 @@ function parseVision(r: ConfigReader, v: Record<string, unknown>): VisionConfig 
   const image_size = parseImageSize(r, v);
   const width = r.positiveInt(v, "width", p, VISION_DEFAULTS.width);
   const head_width = r.positiveInt(v, "head_width", p, VISION_DEFAULTS.head_width);
-  const layers = v.layers ?? VISION_DEFAULTS.layers;
+  const layers = v.layers === undefined ? VISION_DEFAULTS.layers : v.layers;
   if (Array.isArray(layers)) {
     if (layers.length !== 4 || !layers.every((n) => Number.isSafeInteger(n) && n > 0)) {
       r.fail(p + "layers", "a positive integer (ViT) or an array of 4 positive integers (ResNet)", layers);
