@@ -42,7 +42,8 @@ export function adamwUniforms(u: AdamWUniforms): ArrayBuffer {
 export function adamwKernel(): Kernel {
   return {
     key: "adamw",
-    wgsl: () => `${LINEAR_WORKGROUP_WGSL}
+    wgsl: () =>
+      `${LINEAR_WORKGROUP_WGSL}
 struct U { n: u32, lr: f32, wd: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, clamp_max: f32 };
 @group(0) @binding(0) var<storage, read_write> param: array<f32>;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;

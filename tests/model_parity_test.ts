@@ -38,17 +38,48 @@ for (const name of ["vit_tiny", "vit_tiny_hf", "rn_tiny"]) {
           const imageRaw = model.encodeImage(x);
           const textRaw = model.encodeText(tokens);
           const { logitsPerImage, logitScale } = model.forward(x, tokens);
-          return { imageRaw, textRaw, imageNorm: l2Normalize(imageRaw), textNorm: l2Normalize(textRaw), logitsPerImage, logitScale };
+          return {
+            imageRaw,
+            textRaw,
+            imageNorm: l2Normalize(imageRaw),
+            textNorm: l2Normalize(textRaw),
+            logitsPerImage,
+            logitScale,
+          };
         });
         const refImage = await f32File(`${ref}/image_features.f32`);
         const refText = await f32File(`${ref}/text_features.f32`);
         const errors = {
-          image: assertClose(await out.imageRaw.read(), refImage, { rtol: 0, atol: 1e-4 * Math.max(1, maxAbs(refImage)), what: "image features" }),
-          text: assertClose(await out.textRaw.read(), refText, { rtol: 0, atol: 1e-4 * Math.max(1, maxAbs(refText)), what: "text features" }),
-          imageNorm: assertClose(await out.imageNorm.read(), await f32File(`${ref}/image_features_norm.f32`), { rtol: 0, atol: 1e-4, what: "normalised image features" }),
-          textNorm: assertClose(await out.textNorm.read(), await f32File(`${ref}/text_features_norm.f32`), { rtol: 0, atol: 1e-4, what: "normalised text features" }),
-          logits: assertClose(await out.logitsPerImage.read(), await f32File(`${ref}/logits_per_image.f32`), { rtol: 0, atol: 1e-3, what: "logits" }),
-          scale: assertClose(await out.logitScale.read(), await f32File(`${ref}/logit_scale_exp.f32`), { rtol: 1e-6, atol: 0, what: "exp(logit_scale)" }),
+          image: assertClose(await out.imageRaw.read(), refImage, {
+            rtol: 0,
+            atol: 1e-4 * Math.max(1, maxAbs(refImage)),
+            what: "image features",
+          }),
+          text: assertClose(await out.textRaw.read(), refText, {
+            rtol: 0,
+            atol: 1e-4 * Math.max(1, maxAbs(refText)),
+            what: "text features",
+          }),
+          imageNorm: assertClose(await out.imageNorm.read(), await f32File(`${ref}/image_features_norm.f32`), {
+            rtol: 0,
+            atol: 1e-4,
+            what: "normalised image features",
+          }),
+          textNorm: assertClose(await out.textNorm.read(), await f32File(`${ref}/text_features_norm.f32`), {
+            rtol: 0,
+            atol: 1e-4,
+            what: "normalised text features",
+          }),
+          logits: assertClose(await out.logitsPerImage.read(), await f32File(`${ref}/logits_per_image.f32`), {
+            rtol: 0,
+            atol: 1e-3,
+            what: "logits",
+          }),
+          scale: assertClose(await out.logitScale.read(), await f32File(`${ref}/logit_scale_exp.f32`), {
+            rtol: 1e-6,
+            atol: 0,
+            what: "exp(logit_scale)",
+          }),
         };
         console.log(`${name} max abs errors: ${JSON.stringify(errors)}`);
       });

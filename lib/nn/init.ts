@@ -50,10 +50,15 @@ export function initParameters(config: ClipConfig, seed: number): Map<string, Ho
     else if (name === "text_projection") data = normal(rng, n, text.width ** -0.5);
     else if (name.startsWith("transformer.")) {
       if (name.endsWith("attn.in_proj_weight")) data = normal(rng, n, textAttnStd);
-      else if (name.endsWith("attn.out_proj.weight") || name.endsWith("mlp.c_proj.weight")) data = normal(rng, n, textProjStd);
-      else if (name.endsWith("mlp.c_fc.weight")) data = normal(rng, n, textFcStd);
+      else if (name.endsWith("attn.out_proj.weight") || name.endsWith("mlp.c_proj.weight")) {
+        data = normal(rng, n, textProjStd);
+      } else if (name.endsWith("mlp.c_fc.weight")) data = normal(rng, n, textFcStd);
       else if (name.endsWith("in_proj_bias") || name.endsWith("out_proj.bias")) data = new Float32Array(n);
-      else data = uniform(rng, n, 1 / Math.sqrt(name.endsWith("c_proj.bias") ? text.width * text.mlp_ratio : text.width));
+      else {data = uniform(
+          rng,
+          n,
+          1 / Math.sqrt(name.endsWith("c_proj.bias") ? text.width * text.mlp_ratio : text.width),
+        );}
     } else data = initVisual(name, shape, n, config, rng, defaultLinear);
     out.set(name, { shape, data });
   }
@@ -72,7 +77,9 @@ function initVisual(
   if (isResNetVision(v)) {
     if (name.startsWith("visual.attnpool.") && name.endsWith("_proj.weight")) return normal(rng, n, shape[1] ** -0.5);
     if (name === "visual.attnpool.positional_embedding") return normal(rng, n, (v.width * 32) ** -0.5);
-    if (name.startsWith("visual.attnpool.") && name.endsWith(".bias")) return uniform(rng, n, 1 / Math.sqrt(v.width * 32));
+    if (name.startsWith("visual.attnpool.") && name.endsWith(".bias")) {
+      return uniform(rng, n, 1 / Math.sqrt(v.width * 32));
+    }
     return defaultLinear();
   }
   const scale = v.width ** -0.5;

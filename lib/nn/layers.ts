@@ -78,7 +78,9 @@ export function transformer(
   causal: boolean,
   activation: UnaryOp,
 ): Tensor {
-  for (let i = 0; i < layers; i++) x = residualAttentionBlock(p, `${prefix}.resblocks.${i}`, x, heads, causal, activation);
+  for (let i = 0; i < layers; i++) {
+    x = residualAttentionBlock(p, `${prefix}.resblocks.${i}`, x, heads, causal, activation);
+  }
   return x;
 }
 

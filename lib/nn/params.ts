@@ -48,7 +48,9 @@ export class Params {
 
   async download(): Promise<Map<string, HostTensor>> {
     const names = [...this.tensors.keys()];
-    const datas = await this.gpu.readMany(names.map((n) => ({ buffer: this.get(n).buffer, bytes: this.get(n).byteLength })));
+    const datas = await this.gpu.readMany(
+      names.map((n) => ({ buffer: this.get(n).buffer, bytes: this.get(n).byteLength })),
+    );
     return new Map(names.map((n, i) => [n, { shape: [...this.get(n).shape], data: new Float32Array(datas[i]) }]));
   }
 

@@ -11,7 +11,9 @@ export function eotPositions(tokens: Int32Array, contextLength: number): Int32Ar
   const out = new Int32Array(rows);
   for (let r = 0; r < rows; r++) {
     let best = 0;
-    for (let i = 1; i < contextLength; i++) if (tokens[r * contextLength + i] > tokens[r * contextLength + best]) best = i;
+    for (let i = 1; i < contextLength; i++) {
+      if (tokens[r * contextLength + i] > tokens[r * contextLength + best]) best = i;
+    }
     out[r] = best;
   }
   return out;

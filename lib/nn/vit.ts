@@ -1,7 +1,7 @@
 import { add, concat, conv2d, layerNorm, matmul, permute, reshape, slice, zeros } from "../tensor/ops.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { UnaryOp } from "../../kernels/elementwise.ts";
-import { LAYER_NORM_EPS, type ViTVisionConfig, visionHeads, vitGridSize } from "./config.ts";
+import { LAYER_NORM_EPS, visionHeads, vitGridSize, type ViTVisionConfig } from "./config.ts";
 import { layerNormP, transformer } from "./layers.ts";
 import type { Params } from "./params.ts";
 

@@ -1,4 +1,10 @@
-import { adamwKernel, adamwUniforms, clipCoefficientKernel, OPTIMIZER_WG, sumSquaresKernel } from "../../kernels/optimizer.ts";
+import {
+  adamwKernel,
+  adamwUniforms,
+  clipCoefficientKernel,
+  OPTIMIZER_WG,
+  sumSquaresKernel,
+} from "../../kernels/optimizer.ts";
 import type { Gpu } from "../gpu/runtime.ts";
 import { foldWorkgroups } from "../gpu/runtime.ts";
 import { fromArray, zeros } from "../tensor/create.ts";
@@ -64,12 +70,22 @@ export class AdamW {
     const { beta1, beta2, eps, weightDecay } = this.config;
     const withGrad = this.slots.filter((s) => s.param.grad);
     withGrad.forEach((s, slot) => {
-      this.gpu.dispatch(sumSquaresKernel(), [s.param.grad!.buffer, this.partial.buffer], 1, Uint32Array.of(s.param.size, slot));
+      this.gpu.dispatch(
+        sumSquaresKernel(),
+        [s.param.grad!.buffer, this.partial.buffer],
+        1,
+        Uint32Array.of(s.param.size, slot),
+      );
     });
     const clipUniform = new ArrayBuffer(8);
     new Uint32Array(clipUniform, 0, 1)[0] = withGrad.length;
     new Float32Array(clipUniform, 4, 1)[0] = this.config.gradClip;
-    this.gpu.dispatch(clipCoefficientKernel(), [this.partial.buffer, this.clipState.buffer], 1, new Uint8Array(clipUniform));
+    this.gpu.dispatch(
+      clipCoefficientKernel(),
+      [this.partial.buffer, this.clipState.buffer],
+      1,
+      new Uint8Array(clipUniform),
+    );
     for (const s of withGrad) {
       const uniforms = adamwUniforms({
         n: s.param.size,
@@ -110,7 +126,9 @@ export class AdamW {
     for (const s of this.slots) {
       for (const [suffix, t] of [["exp_avg", s.m], ["exp_avg_sq", s.v]] as const) {
         const h = state.get(`${s.name}.${suffix}`);
-        if (!h || h.data.length !== t.size) throw new Error(`optimizer state for '${s.name}.${suffix}' is missing or mis-sized`);
+        if (!h || h.data.length !== t.size) {
+          throw new Error(`optimizer state for '${s.name}.${suffix}' is missing or mis-sized`);
+        }
         this.gpu.write(t.buffer, h.data);
       }
     }
