@@ -1,0 +1,166 @@
+// Normalisation over the last axis: layer norm (with per-row statistics saved for the backward pass) and L2
+// normalisation. Row count, width and eps are baked in; the row layout comes from kernels/rows.ts.
+import type { Kernel } from "../lib/gpu/runtime.ts";
+import { f32Literal, gridWgsl } from "./grid.ts";
+import { rowKernelWgsl, type RowLayout, rowLayoutKey } from "./rows.ts";
+
+/** rows x cols input; `stats` holds [mean, rstd] per row. */
+export interface RowShape {
+  rows: number;
+  cols: number;
+}
+
+/** y = (x - mean) * rstd * weight + bias, and stats[row] = (mean, rstd). */
+export function layerNormForwardKernel({ rows, cols }: RowShape, eps: number, layout: RowLayout): Kernel {
+  return {
+    key: `layernorm_fwd/${rows}/${cols}/${eps}/${rowLayoutKey(layout)}`,
+    wgsl: () =>
+      rowKernelWgsl(
+        rows,
+        layout,
+        `@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> weight: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> stats: array<f32>;`,
+        `let base = row * ${cols}u;
+  // Moments of x - shift, with shift = the row's first element, in one pass: the classic shifted-data variance.
+  // Its cancellation is only as large as the shift's distance from the mean in standard deviations, where raw
+  // E[x^2] - E[x]^2 in f32 would lose everything once the mean is large against the spread.
+  let shift = x[base];
+  var s = 0.0;
+  var q = 0.0;
+  for (var j = lane; j < ${cols}u; j += LANES) { let d = x[base + j] - shift; s += d; q += d * d; }
+  let mean_offset = row_sum(s) / ${cols}.0;
+  let variance = max(row_sum(q) / ${cols}.0 - mean_offset * mean_offset, 0.0);
+  let rstd = 1.0 / sqrt(variance + ${f32Literal(eps)});
+  if (valid) {
+    for (var j = lane; j < ${cols}u; j += LANES) {
+      y[base + j] = ((x[base + j] - shift) - mean_offset) * rstd * weight[j] + bias[j];
+    }
+    if (lane == 0u) { stats[2u * row] = shift + mean_offset; stats[2u * row + 1u] = rstd; }
+  }`,
+      ),
+  };
+}
+
+/** dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), one row at a time. */
+export function layerNormBackwardInputKernel({ rows, cols }: RowShape, layout: RowLayout): Kernel {
+  return {
+    key: `layernorm_bwd_x/${rows}/${cols}/${rowLayoutKey(layout)}`,
+    wgsl: () =>
+      rowKernelWgsl(
+        rows,
+        layout,
+        `@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> weight: array<f32>;
+@group(0) @binding(2) var<storage, read> stats: array<f32>;
+@group(0) @binding(3) var<storage, read> g: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>;`,
+        `let base = row * ${cols}u;
+  let mean = stats[2u * row];
+  let rstd = stats[2u * row + 1u];
+  var sg = 0.0;
+  var sgx = 0.0;
+  for (var j = lane; j < ${cols}u; j += LANES) {
+    let gw = g[base + j] * weight[j];
+    sg += gw;
+    sgx += gw * (x[base + j] - mean) * rstd;
+  }
+  let mean_gw = row_sum(sg) / ${cols}.0;
+  let mean_gwx = row_sum(sgx) / ${cols}.0;
+  if (valid) {
+    for (var j = lane; j < ${cols}u; j += LANES) {
+      let xhat = (x[base + j] - mean) * rstd;
+      dx[base + j] = rstd * (g[base + j] * weight[j] - mean_gw - xhat * mean_gwx);
+    }
+  }`,
+      ),
+  };
+}
+
+/**
+ * Column sums of g*xhat and g over one chunk of `rowsPerChunk` rows: partial[chunk, col]. Summing the chunks
+ * afterwards (a fixed-order reduction) gives dweight and dbias deterministically with enough parallelism.
+ */
+export function layerNormParamPartialsKernel({ rows, cols }: RowShape, rowsPerChunk: number): Kernel {
+  const chunks = Math.ceil(rows / rowsPerChunk);
+  return {
+    key: `layernorm_bwd_params/${rows}/${cols}/${rowsPerChunk}`,
+    wgsl: () =>
+      gridWgsl(
+        chunks * cols,
+        `@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> stats: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dweight_partial: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dbias_partial: array<f32>;`,
+        `let col = i % ${cols}u;
+  let first = (i / ${cols}u) * ${rowsPerChunk}u;
+  let last = min(first + ${rowsPerChunk}u, ${rows}u);
+  var dw = 0.0;
+  var db = 0.0;
+  for (var r = first; r < last; r++) {
+    let gv = g[r * ${cols}u + col];
+    dw += gv * (x[r * ${cols}u + col] - stats[2u * r]) * stats[2u * r + 1u];
+    db += gv;
+  }
+  dweight_partial[i] = dw;
+  dbias_partial[i] = db;`,
+      ),
+  };
+}
+
+/** y = x / max(||x||, eps) per row; denom[row] = max(||x||, eps). */
+export function l2NormalizeForwardKernel({ rows, cols }: RowShape, eps: number, layout: RowLayout): Kernel {
+  return {
+    key: `l2norm_fwd/${rows}/${cols}/${eps}/${rowLayoutKey(layout)}`,
+    wgsl: () =>
+      rowKernelWgsl(
+        rows,
+        layout,
+        `@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read_write> denom: array<f32>;`,
+        `let base = row * ${cols}u;
+  var q = 0.0;
+  for (var j = lane; j < ${cols}u; j += LANES) { let v = x[base + j]; q += v * v; }
+  let d = max(sqrt(row_sum(q)), ${f32Literal(eps)});
+  if (valid) {
+    for (var j = lane; j < ${cols}u; j += LANES) { y[base + j] = x[base + j] / d; }
+    if (lane == 0u) { denom[row] = d; }
+  }`,
+      ),
+  };
+}
+
+/**
+ * Where the norm exceeds eps, dx = (g - y * <g, y>) / ||x|| (with y = x / ||x||); where eps clamps it, the map is
+ * x / eps and dx = g / eps.
+ */
+export function l2NormalizeBackwardKernel({ rows, cols }: RowShape, eps: number, layout: RowLayout): Kernel {
+  return {
+    key: `l2norm_bwd/${rows}/${cols}/${eps}/${rowLayoutKey(layout)}`,
+    wgsl: () =>
+      rowKernelWgsl(
+        rows,
+        layout,
+        `@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> denom: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;`,
+        `let base = row * ${cols}u;
+  let d = denom[row];
+  var s = 0.0;
+  for (var j = lane; j < ${cols}u; j += LANES) { s += g[base + j] * x[base + j]; }
+  // <g, y> * y = x * <g, x> / d^2
+  let k = row_sum(s) / (d * d);
+  let clamped = !(d > ${f32Literal(eps)});
+  if (valid) {
+    for (var j = lane; j < ${cols}u; j += LANES) {
+      dx[base + j] = select((g[base + j] - x[base + j] * k) / d, g[base + j] / d, clamped);
+    }
+  }`,
+      ),
+  };
+}
