@@ -482,6 +482,10 @@ export class SafetensorsFile extends TensorIndex {
   close(): void {
     this.#file.close();
   }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
 }
 
 async function readExactly(file: Deno.FsFile, position: number, into: Uint8Array): Promise<void> {
@@ -553,7 +557,7 @@ function layout(tensors: TensorSet, metadata?: Record<string, string>): Layout {
     if (key === "" || key === "__metadata__") {
       throw new ClipError(`'${key}' cannot be a tensor name in a safetensors file.`);
     }
-    if (!Object.hasOwn(DTYPE_BYTES, t.dtype) || !["F32", "F16", "BF16"].includes(t.dtype)) {
+    if (!["F32", "F16", "BF16"].includes(t.dtype)) {
       throw new ClipError(`tensor '${key}': dtype ${t.dtype} cannot be written; use F32, F16 or BF16.`);
     }
     if (!t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {

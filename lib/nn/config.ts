@@ -283,8 +283,8 @@ class ConfigReader {
       if (known.has(key) || ignored.has(key)) continue;
       if (Object.hasOwn(fixed, key)) {
         const allowed = fixed[key];
-        // JSON cannot tell 0 from 0.0; null and a missing field mean the same in open_clip's dataclasses.
-        if (!allowed.some((a) => a === value || (a === null && value === undefined))) {
+        // Strict equality is enough: JSON's 0.0 parses to 0, and open_clip writes absent options as null.
+        if (!allowed.includes(value)) {
           this.fail(
             prefix + key,
             `${allowed.map((a) => JSON.stringify(a)).join(" or ")} (other values are not supported)`,
