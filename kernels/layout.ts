@@ -1,0 +1,125 @@
+// Data movement: axis permutation and block copies along one axis (slice, concat and their gradients). Elements are
+// moved as 32-bit words, so these kernels serve every 4-byte dtype. Shapes and offsets are baked in.
+import type { Kernel } from "../lib/gpu/runtime.ts";
+import { contiguousStrides } from "./elementwise.ts";
+import { gridWgsl } from "./grid.ts";
+
+/**
+ * The smallest equivalent problem: size-1 axes dropped and runs of input axes that stay adjacent and in order
+ * merged. permute([B,T,H,D], [0,2,1,3]) stays 4-D, but [0,1,3,2] on [B,T,H,D] becomes [B*T,H,D] with [0,2,1].
+ */
+export function coalescePermutation(
+  shape: readonly number[],
+  axes: readonly number[],
+): { shape: number[]; axes: number[] } {
+  // Size-1 axes hold no data: drop them and number the others by their input order.
+  const compact = new Map<number, number>();
+  shape.forEach((d, a) => d !== 1 && compact.set(a, compact.size));
+  const kept = axes.filter((a) => shape[a] !== 1);
+  // Runs of output axes whose input axes are consecutive.
+  const runs: number[][] = [];
+  for (const a of kept) {
+    const last = runs[runs.length - 1];
+    if (last && compact.get(last[last.length - 1])! + 1 === compact.get(a)) last.push(a);
+    else runs.push([a]);
+  }
+  const byInputOrder = runs.map((r, i) => ({ first: r[0], size: r.reduce((p, a) => p * shape[a], 1), outPos: i }))
+    .sort((p, q) => p.first - q.first);
+  const inPosOfRun = new Array<number>(runs.length);
+  byInputOrder.forEach((r, inPos) => inPosOfRun[r.outPos] = inPos);
+  return { shape: byInputOrder.map((r) => r.size), axes: inPosOfRun };
+}
+
+/** out = x with its axes reordered: out.shape[d] = shape[axes[d]]. Expects a coalesced problem. */
+export function permuteKernel(shape: readonly number[], axes: readonly number[]): Kernel {
+  const inStrides = contiguousStrides(shape);
+  const outShape = axes.map((a) => shape[a]);
+  const n = shape.reduce((p, d) => p * d, 1);
+  const lines = ["var rem = i;", "var src = 0u;"];
+  for (let d = outShape.length - 1; d >= 0; d--) {
+    lines.push(`src += (rem % ${outShape[d]}u) * ${inStrides[axes[d]]}u;`);
+    if (d > 0) lines.push(`rem = rem / ${outShape[d]}u;`);
+  }
+  return {
+    key: `permute/${shape}/${axes}`,
+    wgsl: () =>
+      gridWgsl(
+        n,
+        `@group(0) @binding(0) var<storage, read> x: array<u32>;
+@group(0) @binding(1) var<storage, read_write> out: array<u32>;`,
+        `${lines.join("\n  ")}
+  out[i] = x[src];`,
+      ),
+  };
+}
+
+/**
+ * A tensor viewed as [outer, mid, inner] around one axis, and a block of `blockMid` entries of that axis starting at
+ * `offset`: the geometry shared by slice, concat and their gradients.
+ */
+export interface AxisBlock {
+  outer: number;
+  mid: number;
+  inner: number;
+  offset: number;
+  blockMid: number;
+}
+
+function blockKey(b: AxisBlock): string {
+  return `${b.outer}/${b.mid}/${b.inner}/${b.offset}/${b.blockMid}`;
+}
+
+/** WGSL: `big` = the index in the whole tensor of element `i` of the dense block. */
+function blockToWhole(b: AxisBlock): string {
+  return `let big = (i / ${b.blockMid * b.inner}u) * ${b.mid * b.inner}u + ${b.offset * b.inner}u + i % ${
+    b.blockMid * b.inner
+  }u;`;
+}
+
+/** block = whole[:, offset:offset+blockMid, :] (slice forward, concat backward). */
+export function extractBlockKernel(b: AxisBlock): Kernel {
+  return {
+    key: `block_extract/${blockKey(b)}`,
+    wgsl: () =>
+      gridWgsl(
+        b.outer * b.blockMid * b.inner,
+        `@group(0) @binding(0) var<storage, read> whole: array<u32>;
+@group(0) @binding(1) var<storage, read_write> block: array<u32>;`,
+        `${blockToWhole(b)}
+  block[i] = whole[big];`,
+      ),
+  };
+}
+
+/** whole[:, offset:offset+blockMid, :] = block, leaving the rest of `whole` as it is (concat forward). */
+export function insertBlockKernel(b: AxisBlock): Kernel {
+  return {
+    key: `block_insert/${blockKey(b)}`,
+    wgsl: () =>
+      gridWgsl(
+        b.outer * b.blockMid * b.inner,
+        `@group(0) @binding(0) var<storage, read> block: array<u32>;
+@group(0) @binding(1) var<storage, read_write> whole: array<u32>;`,
+        `${blockToWhole(b)}
+  whole[big] = block[i];`,
+      ),
+  };
+}
+
+/** whole = zeros with the block written at its place, in one pass (slice backward). */
+export function padBlockKernel(b: AxisBlock): Kernel {
+  return {
+    key: `block_pad/${blockKey(b)}`,
+    wgsl: () =>
+      gridWgsl(
+        b.outer * b.mid * b.inner,
+        `@group(0) @binding(0) var<storage, read> block: array<u32>;
+@group(0) @binding(1) var<storage, read_write> whole: array<u32>;`,
+        `let m = (i / ${b.inner}u) % ${b.mid}u;
+  let inside = m >= ${b.offset}u && m < ${b.offset + b.blockMid}u;
+  let src = (i / ${b.mid * b.inner}u) * ${b.blockMid * b.inner}u + (m - ${b.offset}u) * ${b.inner}u + i % ${b.inner}u;
+  // Bit pattern 0 is 0.0 and 0i alike.
+  whole[i] = select(0u, block[min(src, ${Math.max(1, b.outer * b.blockMid * b.inner) - 1}u)], inside);`,
+      ),
+  };
+}
