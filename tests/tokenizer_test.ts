@@ -182,6 +182,15 @@ Deno.test("cleanText collapses Python whitespace but keeps what Python does not 
   assert.equal(cleanText("&#65279;x"), "x");
 });
 
+Deno.test("load from an explicit path gives the same tokenizer as the shipped default", async () => {
+  const path = decodeURIComponent(new URL("../data/bpe_simple_vocab_16e6.txt.gz", import.meta.url).pathname);
+  const fromPath = await ClipTokenizer.load(path);
+  assert.notEqual(fromPath, tokenizer);
+  assert.equal(await ClipTokenizer.load(), tokenizer);
+  const texts = cases.map((c) => c.text);
+  assert.deepEqual(fromPath.tokenize(texts), tokenizer.tokenize(texts));
+});
+
 Deno.test("load reports a missing or unreadable vocabulary by name", async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -195,6 +204,13 @@ Deno.test("load reports a missing or unreadable vocabulary by name", async () =>
     await assert.rejects(
       ClipTokenizer.load(notGzip),
       (e: Error) => e instanceof ClipError && e.message.includes(notGzip),
+    );
+    const truncated = `${dir}/short.txt.gz`;
+    const gzipped = new Blob(["#version: 0.2\ni n\nt h\n"]).stream().pipeThrough(new CompressionStream("gzip"));
+    await Deno.writeFile(truncated, gzipped);
+    await assert.rejects(
+      ClipTokenizer.load(truncated),
+      (e: Error) => e instanceof ClipError && e.message.includes(truncated) && e.message.includes("2 merges"),
     );
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -15,7 +15,8 @@ import { HIGH_BYTE_OF } from "./windows1252.ts";
  *   when one of its sequences is suspicious, and left alone otherwise.
  *
  * Decoding repeats until nothing changes elsewhere (the caller's loop), which undoes double encodings ("ÃƒÂ©").
- * Not covered: other code pages (Mac Roman, cp437, cp1251 readings) and sequences whose 0xA0 byte became a space.
+ * Not covered: UTF-8 misread through other code pages (Windows-1251, Mac Roman, cp437) and sequences whose 0xA0
+ * byte became a space.
  */
 
 interface Sequence {

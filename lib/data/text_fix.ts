@@ -14,8 +14,8 @@ import { windows1252Char } from "./windows1252.ts";
  * - curly quotes straightened; line breaks unified; lone surrogates, terminal colour codes and invisible control
  *   characters removed; NFC normalisation.
  *
- * Not covered (ftfy has heuristics for them): mojibake through other code pages (Cyrillic, Greek, Mac Roman,
- * cp437) and sequences whose 0xA0 byte was turned into a plain space.
+ * Not covered (ftfy has heuristics for them): UTF-8 misread through other code pages (Windows-1251, Mac Roman,
+ * cp437) and mojibake whose 0xA0 byte was turned into a plain space.
  */
 
 /**
@@ -23,7 +23,7 @@ import { windows1252Char } from "./windows1252.ts";
  * like markup, so references are left for the HTML decoding that comes after (as ftfy does).
  */
 export function fixText(text: string): string {
-  if (isPlainAscii(text)) return text;
+  if (isPlainAsciiWithoutReferences(text)) return text;
   if (!MAY_NEED_FIX_RE.test(text)) {
     // Only NFC can change such text, and NFC is idempotent, so one application reaches the fixed point unless
     // composing created something fixable (a composed "Â" before a symbol, say).
@@ -47,7 +47,7 @@ export function fixText(text: string): string {
 /** Printable ASCII, tab and newline without "&": nothing to fix and nothing to unescape. */
 const PLAIN_ASCII_RE = /^[\x20-\x25\x27-\x7e\t\n]*$/;
 
-function isPlainAscii(text: string): boolean {
+function isPlainAsciiWithoutReferences(text: string): boolean {
   return PLAIN_ASCII_RE.test(text);
 }
 
@@ -186,7 +186,7 @@ const EDGE_SPACE_RE = /^ | $/g;
  * collapse whitespace runs to one space, trim, lower-case.
  */
 export function cleanText(text: string): string {
-  let cleaned = isPlainAscii(text) ? text : unescapeHtml(unescapeHtml(fixText(text)));
+  let cleaned = isPlainAsciiWithoutReferences(text) ? text : unescapeHtml(unescapeHtml(fixText(text)));
   if (NEEDS_SPACE_CLEANUP_RE.test(cleaned)) {
     // Only spaces are left to trim, and String.prototype.trim would also remove U+FEFF, which Python keeps.
     cleaned = cleaned.replace(PY_SPACE_RUN_RE, " ").replace(EDGE_SPACE_RE, "");

@@ -50,7 +50,8 @@ const PIECE_RE = /<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\
 /** Pieces seen before, with their ids; cleared when it reaches this size so memory stays bounded. */
 const MAX_CACHED_PIECES = 200_000;
 
-const defaultTokenizer: { promise?: Promise<ClipTokenizer> } = {};
+/** The shipped vocabulary, loaded at most once per process. */
+let defaultLoad: Promise<ClipTokenizer> | undefined;
 
 /**
  * Rank of each mergeable symbol pair: open addressing over typed arrays, because a Map keyed by a * 65536 + b
@@ -106,10 +107,9 @@ export class ClipTokenizer {
   private constructor(mergesText: string) {
     const lines = firstLines(mergesText, MERGE_COUNT + 1);
     if (lines.length < MERGE_COUNT + 1) {
+      const found = lines.slice(1).filter((line) => line.trim() !== "").length;
       throw new ClipError(
-        `BPE vocabulary has ${
-          lines.length - 1
-        } merges, expected at least ${MERGE_COUNT}: the file is truncated or is not bpe_simple_vocab_16e6.txt.gz.`,
+        `BPE vocabulary has ${found} merges, expected at least ${MERGE_COUNT}: the file is truncated or is not bpe_simple_vocab_16e6.txt.gz.`,
       );
     }
     const { bytes, chars } = byteStandIns();
@@ -184,11 +184,11 @@ export class ClipTokenizer {
    */
   static load(vocabPath?: string | URL): Promise<ClipTokenizer> {
     if (vocabPath !== undefined) return loadFrom(vocabPath);
-    defaultTokenizer.promise ??= loadFrom(DEFAULT_VOCAB_URL).catch((e) => {
-      defaultTokenizer.promise = undefined; // let a later call try again rather than repeat a stale failure
+    defaultLoad ??= loadFrom(DEFAULT_VOCAB_URL).catch((e) => {
+      defaultLoad = undefined; // let a later call try again rather than repeat a stale failure
       throw e;
     });
-    return defaultTokenizer.promise;
+    return defaultLoad;
   }
 
   /** BPE ids of `text` after cleaning, without start and end tokens. */
@@ -349,5 +349,10 @@ async function loadFrom(vocabPath: string | URL): Promise<ClipTokenizer> {
   } catch (e) {
     throw new ClipError(`BPE vocabulary '${shown}' is not a readable gzip file: ${(e as Error).message}.`);
   }
-  return ClipTokenizer.fromMerges(text);
+  try {
+    return ClipTokenizer.fromMerges(text);
+  } catch (e) {
+    if (e instanceof ClipError) throw new ClipError(`'${shown}': ${e.message}`);
+    throw e;
+  }
 }
