@@ -162,8 +162,9 @@ export const packCommand: Command = {
       for (const item of stats.skipped_items.slice(0, shown)) console.error(`  ${describeSkip(item)}`);
       if (stats.skipped > shown) console.error(`  ... and ${stats.skipped - shown} more, listed in stats.json`);
     }
+    const shards = Object.keys(sizes).length;
     console.log(
-      `packed ${stats.samples} samples into ${Object.keys(sizes).length} shards in ${values.out}` +
+      `packed ${stats.samples} samples into ${shards} shard${shards === 1 ? "" : "s"} in ${values.out}` +
         (stats.skipped > 0 ? `; skipped ${stats.skipped}` : "") + ".",
     );
     return 0;

@@ -312,12 +312,16 @@ emojibase-data@${versions["emojibase-data"]} (MIT, Miles Johnson; labels and key
 `;
 }
 
-/** What done.json records; a later build with equal fields reuses the folder. */
-interface BuildMarker {
+/** What makes two builds the same: a later build with an equal identity reuses the folder. */
+export interface EmojiBuildIdentity {
   recipe: string;
   vendor: EmojiVendor;
   packages: Record<string, string>;
   shard_size: number;
+}
+
+/** done.json: written last, so its presence means the build finished. */
+export interface EmojiBuildMarker extends EmojiBuildIdentity {
   counts: Record<Split, number>;
 }
 
@@ -359,16 +363,19 @@ export interface EmojiBuildResult {
 
 const OUTPUT_FILES = ["done.json", "classes.txt", "sizes.json", "stats.json", "LICENSE-images.txt"];
 
-function sameMarker(a: Omit<BuildMarker, "counts">, b: Partial<BuildMarker>): boolean {
+function sameIdentity(a: EmojiBuildIdentity, b: Partial<EmojiBuildIdentity>): boolean {
   return a.recipe === b.recipe && a.vendor === b.vendor && a.shard_size === b.shard_size &&
     JSON.stringify(a.packages) === JSON.stringify(b.packages);
 }
 
-/** The marker of a complete build in `out` matching `expected`, or undefined. */
-async function completeBuild(out: string, expected: Omit<BuildMarker, "counts">): Promise<BuildMarker | undefined> {
+/** The marker of a complete build in `out` (done.json present and matching, every shard there), or undefined. */
+export async function completeEmojiBuild(
+  out: string,
+  expected: EmojiBuildIdentity,
+): Promise<EmojiBuildMarker | undefined> {
   try {
-    const marker = JSON.parse(await Deno.readTextFile(join(out, "done.json"))) as BuildMarker;
-    if (!sameMarker(expected, marker)) return undefined;
+    const marker = JSON.parse(await Deno.readTextFile(join(out, "done.json"))) as EmojiBuildMarker;
+    if (!sameIdentity(expected, marker)) return undefined;
     const sizes = JSON.parse(await Deno.readTextFile(join(out, "sizes.json"))) as ShardSizes;
     for (const shard of Object.keys(sizes)) await Deno.stat(join(out, shard));
     return marker;
@@ -383,9 +390,14 @@ export async function buildEmojiDataset(opts: BuildEmojiOptions): Promise<EmojiB
   const shardSize = opts.shardSize ?? DEFAULT_EMOJI_SHARD_SAMPLES;
   opts.onProgress?.({ stage: "packages", vendor });
   const packages = await locateEmojiPackages(vendor);
-  const expected = { recipe: EMOJI_RECIPE, vendor, packages: packages.versions, shard_size: shardSize };
+  const expected: EmojiBuildIdentity = {
+    recipe: EMOJI_RECIPE,
+    vendor,
+    packages: packages.versions,
+    shard_size: shardSize,
+  };
   if (!opts.force) {
-    const marker = await completeBuild(out, expected);
+    const marker = await completeEmojiBuild(out, expected);
     if (marker) return { reused: true, out, counts: marker.counts, packages: packages.versions };
   }
 
@@ -446,7 +458,7 @@ export async function buildEmojiDataset(opts: BuildEmojiOptions): Promise<EmojiB
   await writeJsonFile(join(out, "sizes.json"), sizes);
   await writeJsonFile(join(out, "stats.json"), stats);
   await writeTextFileAtomic(join(out, "LICENSE-images.txt"), licenceNotice(vendor, packages.versions));
-  const marker: BuildMarker = { ...expected, counts: stats.splits };
+  const marker: EmojiBuildMarker = { ...expected, counts: stats.splits };
   await writeJsonFile(join(out, "done.json"), marker);
   return { reused: false, out, counts: stats.splits, packages: packages.versions };
 }

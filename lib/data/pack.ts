@@ -40,6 +40,7 @@ const END_OF_ARCHIVE = 2 * BLOCK;
 /** Keeps every member name within the 100-byte ustar name field, so the byte accounting below is exact. */
 const MAX_MEMBER_NAME = 100;
 const SHARD_DIGITS = 6;
+const encoder = new TextEncoder();
 
 export function shardName(prefix: string, index: number): string {
   return `${prefix}-${String(index).padStart(SHARD_DIGITS, "0")}.tar`;
@@ -76,7 +77,7 @@ export class ShardSequenceWriter {
     let bytes = 0;
     for (const file of files) {
       const name = `${key}.${file.ext}`;
-      if (new TextEncoder().encode(name).length > MAX_MEMBER_NAME) {
+      if (encoder.encode(name).length > MAX_MEMBER_NAME) {
         throw new RangeError(`member name ${name} is over ${MAX_MEMBER_NAME} bytes`);
       }
       bytes += memberBytes(file.data.length);
@@ -247,7 +248,6 @@ export async function packFrom(opts: PackFromOptions): Promise<PackFromResult> {
   const formats: Record<string, number> = {};
   let imageBytes = 0;
   let packed = 0;
-  const encoder = new TextEncoder();
   const total = listing.items.length + listing.skipped.length;
   const progress = () => opts.onProgress?.({ done: packed + skipped.length, total, packed, skipped: skipped.length });
 
@@ -293,6 +293,8 @@ export async function packFrom(opts: PackFromOptions): Promise<PackFromResult> {
         `${describeSkip(skipped[0])}); nothing was packed`,
     );
   }
+  // Listing and loading find problems at different times; report them in source order.
+  skipped.sort((a, b) => (a.row ?? 0) - (b.row ?? 0) || (a.source < b.source ? -1 : a.source > b.source ? 1 : 0));
   const skipReasons: Record<string, number> = {};
   for (const s of skipped) skipReasons[s.reason] = (skipReasons[s.reason] ?? 0) + 1;
   const stats: PackFromStats = {

@@ -168,15 +168,14 @@ async function listFolder(dir: string): Promise<SourceListing> {
     }
     items.push({ index, source: name, image: { kind: "file", path: join(dir, name) }, caption });
   }
-  for (const name of [...captions].filter((c) => !used.has(c)).sort(byName)) {
-    // A caption whose image failed above is already reported; the rest have no image at all.
-    if (!images.some((image) => `${stem(image)}.txt` === name)) {
-      skipped.push({
-        source: name,
-        reason: "no image file",
-        detail: `no .jpg, .jpeg, .png or .webp named ${stem(name)}`,
-      });
-    }
+  // A caption whose image was skipped above is already reported; the rest have no image at all.
+  const imageStems = new Set(images.map(stem));
+  for (const name of [...captions].filter((c) => !used.has(c) && !imageStems.has(stem(c))).sort(byName)) {
+    skipped.push({
+      source: name,
+      reason: "no image file",
+      detail: `no .jpg, .jpeg, .png or .webp named ${stem(name)}`,
+    });
   }
   return { kind: "folder", items, skipped, entries: images.length };
 }
