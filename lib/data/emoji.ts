@@ -3,10 +3,11 @@
  *  - emoji-datasource (the emoji list: code points, category, sort order, skin-tone variations, which vendor has an
  *    image of each) with emoji-datasource-<vendor> (a 64x64 PNG per emoji in `img/<vendor>/64/`);
  *  - emojibase-data (`en/data.json`: CLDR labels and keywords, skin-tone entries under `skins`), for the captions.
+ * The packages are pinned here and fetched from the npm registry on first use (see npmPackageDir).
  *
  * Recipe "emoji-v1":
- *  - the nine categories of CATEGORIES (Component, i.e. the bare skin-tone and hair swatches, is left out); every
- *    emoji and every skin-tone variation the vendor has an image for (`has_img_<vendor>`, `skin_variations`);
+ *  - the nine categories of EMOJI_CATEGORIES (Component, the bare modifier swatches, is left out); every emoji and
+ *    every skin-tone variation the vendor has an image for (`has_img_<vendor>`, `skin_variations`);
  *  - name = the emojibase label of the same code point sequence. The two packages disagree on FE0F (variation
  *    selector 16): emoji-datasource writes the fully-qualified form (`00A9-FE0F`), emojibase often not (`00A9`), in
  *    207 of the sequences used, so sequences are compared upper-case with every FE0F removed. Skin variations are
