@@ -82,6 +82,9 @@ var<workgroup> tile: array<vec2<u32>, ${tile}>;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
   let base = linear_workgroup(wid, nwg) * ${tile}u;
+  // A folded dispatch (over 65535 tiles) rounds the count up; the whole workgroup leaves together, so no barrier is
+  // skipped by some invocations and not others.
+  if (base >= ${length}u) { return; }
   let t = lid.x;
   tile[t] = keys[base + t];
   tile[t + ${threads}u] = keys[base + t + ${threads}u];
