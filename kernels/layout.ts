@@ -30,25 +30,85 @@ export function coalescePermutation(
   return { shape: byInputOrder.map((r) => r.size), axes: inPosOfRun };
 }
 
+/**
+ * Words moved per invocation: 4 (as one vec4) when the innermost axis stays innermost and its length is a multiple
+ * of 4, as in attention's head split [B,T,H,D] -> [B,H,T,D]; a quarter of the invocations and index arithmetic.
+ */
+function permuteVectorWidth(shape: readonly number[], axes: readonly number[]): number {
+  const last = shape.length - 1;
+  return axes[last] === last && shape[last] % 4 === 0 ? 4 : 1;
+}
+
+/** Invocations of `permuteKernel` for this (coalesced) problem. */
+export function permuteInvocations(shape: readonly number[], axes: readonly number[]): number {
+  return shape.reduce((p, d) => p * d, 1) / permuteVectorWidth(shape, axes);
+}
+
 /** out = x with its axes reordered: out.shape[d] = shape[axes[d]]. Expects a coalesced problem. */
 export function permuteKernel(shape: readonly number[], axes: readonly number[]): Kernel {
-  const inStrides = contiguousStrides(shape);
-  const outShape = axes.map((a) => shape[a]);
-  const n = shape.reduce((p, d) => p * d, 1);
+  const width = permuteVectorWidth(shape, axes);
+  const words = shape.map((d, a) => a === shape.length - 1 ? d / width : d);
+  const inStrides = contiguousStrides(words);
+  const outShape = axes.map((a) => words[a]);
   const lines = ["var rem = i;", "var src = 0u;"];
   for (let d = outShape.length - 1; d >= 0; d--) {
     lines.push(`src += (rem % ${outShape[d]}u) * ${inStrides[axes[d]]}u;`);
     if (d > 0) lines.push(`rem = rem / ${outShape[d]}u;`);
   }
+  const word = width === 4 ? "vec4<u32>" : "u32";
   return {
     key: `permute/${shape}/${axes}`,
     wgsl: () =>
       gridWgsl(
-        n,
-        `@group(0) @binding(0) var<storage, read> x: array<u32>;
-@group(0) @binding(1) var<storage, read_write> out: array<u32>;`,
+        permuteInvocations(shape, axes),
+        `@group(0) @binding(0) var<storage, read> x: array<${word}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${word}>;`,
         `${lines.join("\n  ")}
   out[i] = x[src];`,
+      ),
+  };
+}
+
+/** True when the innermost axis stays innermost, so the permutation moves whole contiguous rows of it. */
+export function keepsInnerAxis(axes: readonly number[]): boolean {
+  return axes[axes.length - 1] === axes.length - 1;
+}
+
+/** Invocations of `permuteRowsKernel`: one per row of the innermost axis. */
+export function permuteRowsInvocations(shape: readonly number[]): number {
+  return shape.reduce((p, d) => p * d, 1) / shape[shape.length - 1];
+}
+
+/**
+ * The same permutation for the CPU fallback, where the cost per invocation dominates: one invocation per row of the
+ * innermost axis (which must stay innermost) computes the row's two addresses once and copies it in a loop, as vec4
+ * words when its length allows. Measured 2x faster than `permuteKernel` on lavapipe for attention's head split; on
+ * GPUs neighbouring invocations would read far-apart rows, so they get `permuteKernel`.
+ */
+export function permuteRowsKernel(shape: readonly number[], axes: readonly number[]): Kernel {
+  if (!keepsInnerAxis(axes)) throw new Error(`permuteRowsKernel: axes [${axes}] move the innermost axis`);
+  const last = shape.length - 1;
+  const width = shape[last] % 4 === 0 ? 4 : 1;
+  const rowWords = shape[last] / width;
+  const rowStrides = contiguousStrides(shape.slice(0, last));
+  const outRows = axes.slice(0, last).map((a) => shape[a]);
+  const lines = ["var rem = i;", "var src = 0u;"];
+  for (let d = outRows.length - 1; d >= 0; d--) {
+    lines.push(`src += (rem % ${outRows[d]}u) * ${rowStrides[axes[d]]}u;`);
+    if (d > 0) lines.push(`rem = rem / ${outRows[d]}u;`);
+  }
+  const word = width === 4 ? "vec4<u32>" : "u32";
+  return {
+    key: `permute_rows/${shape}/${axes}`,
+    wgsl: () =>
+      gridWgsl(
+        permuteRowsInvocations(shape),
+        `@group(0) @binding(0) var<storage, read> x: array<${word}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${word}>;`,
+        `${lines.join("\n  ")}
+  let src_word = src * ${rowWords}u;
+  let dst_word = i * ${rowWords}u;
+  for (var k = 0u; k < ${rowWords}u; k++) { out[dst_word + k] = x[src_word + k]; }`,
       ),
   };
 }

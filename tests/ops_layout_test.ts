@@ -5,6 +5,7 @@ import { backward } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
 import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
 import { concat, permute, slice, transpose } from "../lib/tensor/ops/layout.ts";
+import { type KernelStrategy, withKernelStrategy } from "../lib/tensor/ops/strategy.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 import type { Tensor } from "../lib/tensor/tensor.ts";
 
@@ -36,11 +37,14 @@ function refPermuteIndex(shape: readonly number[], axes: readonly number[]): num
   return src;
 }
 
-// [shape, axes]: attention head splits and merges, a reversal of rank 6 with a size-1 axis, a pure size-1 move (a
-// copy after coalescing), negative axes, and rank 1.
+// [shape, axes]: attention head splits and merges (innermost axis kept, of odd length or a multiple of 4 as in vec4
+// copies), the fused q/k/v split of rank 5, a reversal of rank 6 with a size-1 axis, a pure size-1 move (a copy
+// after coalescing), negative axes, and rank 1.
 const PERMUTE_CASES: [number[], number[]][] = [
   [[2, 13, 3, 5], [0, 2, 1, 3]],
-  [[2, 3, 13, 5], [0, 2, 1, 3]],
+  [[2, 3, 13, 8], [0, 2, 1, 3]],
+  [[2, 7, 3, 4, 8], [2, 0, 3, 1, 4]],
+  [[5, 4, 12], [1, 0, 2]],
   [[3, 5, 7, 2], [3, 1, 0, 2]],
   [[2, 1, 3, 2, 5, 3], [5, 3, 1, 0, 4, 2]],
   [[4, 1, 7], [1, 0, 2]],
@@ -48,23 +52,29 @@ const PERMUTE_CASES: [number[], number[]][] = [
   [[11], [0]],
 ];
 
-for (const [shape, axes] of PERMUTE_CASES) {
-  Deno.test(`permute ${JSON.stringify(shape)} by ${JSON.stringify(axes)}: forward and gradient`, async () => {
-    const g = await gpu();
-    await withScope(async () => {
-      const x = param(g, shape, 81);
-      const out = permute(x.t, axes);
-      const order = axes.map((a) => a < 0 ? a + shape.length : a);
-      assert.deepEqual(out.shape, order.map((a) => shape[a]));
-      const { loss, w } = weightedSum(out, 82);
-      backward(loss);
-      const src = refPermuteIndex(shape, order);
-      const dx = new Float64Array(x.v.length);
-      src.forEach((s, i) => dx[s] += w[i]);
-      assertClose(await out.read(), src.map((s) => x.v[s]), { rtol: 0, atol: 0, what: "permute forward" });
-      assertClose(await gradOf(x.t), dx, { rtol: 0, atol: 0, what: "permute dx" });
+// Both kernel shapes: one invocation per element (GPUs) and one per row of the innermost axis (the CPU fallback).
+const STRATEGIES: KernelStrategy[] = ["cpu", "gpu"];
+
+for (const strategy of STRATEGIES) {
+  for (const [shape, axes] of PERMUTE_CASES) {
+    Deno.test(`permute ${JSON.stringify(shape)} by ${JSON.stringify(axes)} (${strategy} kernels): forward and gradient`, async () => {
+      const g = await gpu();
+      await withKernelStrategy(strategy, () =>
+        withScope(async () => {
+          const x = param(g, shape, 81);
+          const out = permute(x.t, axes);
+          const order = axes.map((a) => a < 0 ? a + shape.length : a);
+          assert.deepEqual(out.shape, order.map((a) => shape[a]));
+          const { loss, w } = weightedSum(out, 82);
+          backward(loss);
+          const src = refPermuteIndex(shape, order);
+          const dx = new Float64Array(x.v.length);
+          src.forEach((s, i) => dx[s] += w[i]);
+          assertClose(await out.read(), src.map((s) => x.v[s]), { rtol: 0, atol: 0, what: "permute forward" });
+          assertClose(await gradOf(x.t), dx, { rtol: 0, atol: 0, what: "permute dx" });
+        }));
     });
-  });
+  }
 }
 
 Deno.test("coalescePermutation merges axes that stay adjacent and drops size-1 axes", () => {

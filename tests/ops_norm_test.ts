@@ -3,7 +3,7 @@ import { backward } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
 import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
 import { l2Normalize, layerNorm } from "../lib/tensor/ops/norm.ts";
-import { type RowStrategy, withRowStrategy } from "../lib/tensor/ops/rows.ts";
+import { type KernelStrategy, withKernelStrategy } from "../lib/tensor/ops/strategy.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 import type { Tensor } from "../lib/tensor/tensor.ts";
 
@@ -72,7 +72,7 @@ function refL2Normalize(x: Float64Array, up: Float64Array, cols: number, eps: nu
 }
 
 // Every case runs with both row layouts: one invocation per row (the CPU fallback's) and many lanes per row.
-const STRATEGIES: RowStrategy[] = ["cpu", "gpu"];
+const STRATEGIES: KernelStrategy[] = ["cpu", "gpu"];
 
 // [shape, x range]: widths that are multiples of no lane count, a 3-D input, a wide row, and an offset mean.
 const LAYER_NORM_CASES: [number[], number, number][] = [
@@ -86,7 +86,7 @@ for (const strategy of STRATEGIES) {
   for (const [shape, lo, hi] of LAYER_NORM_CASES) {
     Deno.test(`layerNorm ${JSON.stringify(shape)} x in [${lo},${hi}) (${strategy} layout): forward and gradients`, async () => {
       const g = await gpu();
-      await withRowStrategy(strategy, () =>
+      await withKernelStrategy(strategy, () =>
         withScope(async () => {
           const cols = shape[shape.length - 1];
           const x = param(g, shape, 41, lo, hi);
@@ -128,7 +128,7 @@ for (const strategy of STRATEGIES) {
   for (const [rows, cols] of L2_CASES) {
     Deno.test(`l2Normalize [${rows},${cols}] (${strategy} layout): forward and gradient`, async () => {
       const g = await gpu();
-      await withRowStrategy(strategy, () =>
+      await withKernelStrategy(strategy, () =>
         withScope(async () => {
           const x = param(g, [rows, cols], 51, -2, 2);
           const out = l2Normalize(x.t);

@@ -4,7 +4,7 @@ import { backward } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
 import { mul, scale, sum } from "../lib/tensor/ops/elementwise.ts";
 import { crossEntropy } from "../lib/tensor/ops/loss.ts";
-import { type RowStrategy, withRowStrategy } from "../lib/tensor/ops/rows.ts";
+import { type KernelStrategy, withKernelStrategy } from "../lib/tensor/ops/strategy.ts";
 import { softmax } from "../lib/tensor/ops/softmax.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 import type { Tensor } from "../lib/tensor/tensor.ts";
@@ -34,7 +34,7 @@ function refSoftmax(x: Float64Array, g: Float64Array, cols: number, scaleBy: num
   return { y, dx };
 }
 
-const STRATEGIES: RowStrategy[] = ["cpu", "gpu"];
+const STRATEGIES: KernelStrategy[] = ["cpu", "gpu"];
 
 // [shape, causal, scale, x range]: odd widths, causal attention scores T=13 with batch and heads, a scaled width
 // of 77, logits large enough that an unshifted exp would overflow, and a wide row.
@@ -52,7 +52,7 @@ for (const strategy of STRATEGIES) {
     const name = `softmax ${JSON.stringify(shape)}${causal ? " causal" : ""} scale ${scaleBy} |x| < ${range}`;
     Deno.test(`${name} (${strategy} layout): forward and gradient`, async () => {
       const g = await gpu();
-      await withRowStrategy(strategy, () =>
+      await withKernelStrategy(strategy, () =>
         withScope(async () => {
           const cols = shape[shape.length - 1];
           const x = param(g, shape, 61, -range, range);
@@ -102,7 +102,7 @@ for (const strategy of STRATEGIES) {
   for (const [rows, cols, range] of CE_CASES) {
     Deno.test(`crossEntropy [${rows},${cols}] |x| < ${range} (${strategy} layout): loss and gradient`, async () => {
       const g = await gpu();
-      await withRowStrategy(strategy, () =>
+      await withKernelStrategy(strategy, () =>
         withScope(async () => {
           const x = param(g, [rows, cols], 71, -range, range);
           // Seeded classes covering both ends of the range.

@@ -3,13 +3,18 @@ import {
   coalescePermutation,
   extractBlockKernel,
   insertBlockKernel,
+  keepsInnerAxis,
   padBlockKernel,
+  permuteInvocations,
   permuteKernel,
+  permuteRowsInvocations,
+  permuteRowsKernel,
 } from "../../../kernels/layout.ts";
 import { elementGroups } from "../../../kernels/grid.ts";
 import { record } from "../autograd.ts";
 import { copyOf, empty } from "../create.ts";
 import { type Shape, shapeString, type Tensor } from "../tensor.ts";
+import { prefersCpuKernels } from "./strategy.ts";
 
 const MAX_PERMUTE_RANK = 6;
 
@@ -22,14 +27,24 @@ function normaliseAxis(axis: number, rank: number, op: string): number {
 }
 
 /** Records the permutation without autograd (the backward pass uses it with the inverse axes). */
-function permuteForward(x: Tensor, axes: readonly number[]): Tensor {
+function permuteForward(x: Tensor, axes: readonly number[], cpuKernels: boolean): Tensor {
   const out = empty(x.gpu, axes.map((a) => x.shape[a]), x.dtype);
   if (x.size === 0) return out;
   const small = coalescePermutation(x.shape, axes);
   if (small.axes.every((a, i) => a === i)) {
     x.gpu.copyBuffer(x.buffer, 0, out.buffer, 0, x.byteLength);
+  } else if (cpuKernels && keepsInnerAxis(small.axes)) {
+    x.gpu.dispatch(
+      permuteRowsKernel(small.shape, small.axes),
+      [x.buffer, out.buffer],
+      elementGroups(permuteRowsInvocations(small.shape)),
+    );
   } else {
-    x.gpu.dispatch(permuteKernel(small.shape, small.axes), [x.buffer, out.buffer], elementGroups(x.size));
+    x.gpu.dispatch(
+      permuteKernel(small.shape, small.axes),
+      [x.buffer, out.buffer],
+      elementGroups(permuteInvocations(small.shape, small.axes)),
+    );
   }
   return out;
 }
@@ -46,8 +61,9 @@ export function permute(x: Tensor, axes: readonly number[]): Tensor {
   }
   const inverse = new Array<number>(order.length);
   order.forEach((a, d) => inverse[a] = d);
-  const out = permuteForward(x, order);
-  return record(out, "permute", [x], (g) => [permuteForward(g, inverse)]);
+  const cpuKernels = prefersCpuKernels(x.gpu);
+  const out = permuteForward(x, order, cpuKernels);
+  return record(out, "permute", [x], (g) => [permuteForward(g, inverse, cpuKernels)]);
 }
 
 /** Swaps two axes. */

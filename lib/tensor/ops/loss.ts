@@ -5,7 +5,7 @@ import { record } from "../autograd.ts";
 import { empty } from "../create.ts";
 import type { Tensor } from "../tensor.ts";
 import { sumAxesForward } from "./elementwise.ts";
-import { layoutFor } from "./rows.ts";
+import { rowLayoutFor } from "./strategy.ts";
 
 /**
  * Mean cross-entropy of [N, C] logits against class indices (an i32 tensor [N]), as torch.nn.functional.cross_entropy
@@ -23,7 +23,7 @@ export function crossEntropy(logits: Tensor, targets: Tensor): Tensor {
   if (rows === 0 || cols === 0) throw new Error(`crossEntropy: empty logits ${logits}`);
   const gpu = logits.gpu;
   const shape = { rows, cols };
-  const layout = layoutFor(gpu, cols);
+  const layout = rowLayoutFor(gpu, cols);
   const rowLoss = empty(gpu, [rows]);
   const lse = empty(gpu, [rows]);
   gpu.dispatch(

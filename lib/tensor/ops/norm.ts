@@ -12,7 +12,7 @@ import { record } from "../autograd.ts";
 import { empty } from "../create.ts";
 import { shapeString, type Tensor } from "../tensor.ts";
 import { sumAxesForward } from "./elementwise.ts";
-import { layoutFor } from "./rows.ts";
+import { rowLayoutFor } from "./strategy.ts";
 
 /** The tensor as rows along its last axis. */
 export function rowsOf(x: Tensor, op: string): RowShape {
@@ -35,7 +35,7 @@ export function layerNorm(x: Tensor, weight: Tensor, bias: Tensor, eps = 1e-5): 
     }
   }
   const gpu = x.gpu;
-  const layout = layoutFor(gpu, shape.cols);
+  const layout = rowLayoutFor(gpu, shape.cols);
   const y = empty(gpu, x.shape);
   const stats = empty(gpu, [shape.rows, 2]);
   gpu.dispatch(
@@ -92,7 +92,7 @@ function sumChunks(partial: Tensor, param: Tensor): Tensor {
 export function l2Normalize(x: Tensor, eps = 1e-12): Tensor {
   const shape = rowsOf(x, "l2Normalize");
   const gpu = x.gpu;
-  const layout = layoutFor(gpu, shape.cols);
+  const layout = rowLayoutFor(gpu, shape.cols);
   const y = empty(gpu, x.shape);
   const denom = empty(gpu, [shape.rows]);
   gpu.dispatch(

@@ -4,7 +4,7 @@ import { record } from "../autograd.ts";
 import { empty } from "../create.ts";
 import type { Tensor } from "../tensor.ts";
 import { rowsOf } from "./norm.ts";
-import { layoutFor } from "./rows.ts";
+import { rowLayoutFor } from "./strategy.ts";
 
 export interface SoftmaxOptions {
   /**
@@ -25,7 +25,7 @@ export function softmax(x: Tensor, opts: SoftmaxOptions = {}): Tensor {
   }
   const spec: SoftmaxSpec = { ...rowShape, scale: opts.scale ?? 1, causal };
   const gpu = x.gpu;
-  const layout = layoutFor(gpu, spec.cols);
+  const layout = rowLayoutFor(gpu, spec.cols);
   const y = empty(gpu, x.shape);
   gpu.dispatch(softmaxForwardKernel(spec, layout), [x.buffer, y.buffer], rowWorkgroups(spec.rows, layout));
   return record(y, "softmax", [x], (g) => {
