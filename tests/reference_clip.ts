@@ -11,6 +11,7 @@ import {
   type TextConfig,
   type ViTVisionConfig,
 } from "../lib/nn/config.ts";
+import { Rng } from "../lib/data/rng.ts";
 
 /** One state-dict tensor: float32 as loaded, or float64 when a test perturbs it. */
 export interface RefTensor {
@@ -313,22 +314,24 @@ function conv2d(x: Nchw, weight: RefTensor, stride: number, padding: number): Nc
   const oh = Math.floor((x.h + 2 * padding - kh) / stride) + 1;
   const ow = Math.floor((x.w + 2 * padding - kw) / stride) + 1;
   const out = new Float64Array(x.n * outC * oh * ow);
+  const input = x.data;
+  // Output positions whose tap k lands inside the input: ceil((padding - k) / stride) .. floor((size - 1 + padding - k) / stride).
+  const first = (k: number) => Math.max(0, Math.ceil((padding - k) / stride));
+  const last = (k: number, size: number, outSize: number) =>
+    Math.min(outSize - 1, Math.floor((size - 1 + padding - k) / stride));
   for (let b = 0; b < x.n; b++) {
     for (let o = 0; o < outC; o++) {
       const dst = (b * outC + o) * oh * ow;
       for (let c = 0; c < inC; c++) {
         const src = (b * inC + c) * x.h * x.w;
         for (let ky = 0; ky < kh; ky++) {
+          const y0 = first(ky), y1 = last(ky, x.h, oh);
           for (let kx = 0; kx < kw; kx++) {
             const wv = w[((o * inC + c) * kh + ky) * kw + kx];
-            for (let y = 0; y < oh; y++) {
-              const iy = y * stride + ky - padding;
-              if (iy < 0 || iy >= x.h) continue;
-              for (let xx = 0; xx < ow; xx++) {
-                const ix = xx * stride + kx - padding;
-                if (ix < 0 || ix >= x.w) continue;
-                out[dst + y * ow + xx] += wv * x.data[src + iy * x.w + ix];
-              }
+            const x0 = first(kx), x1 = last(kx, x.w, ow);
+            for (let y = y0; y <= y1; y++) {
+              const row = src + (y * stride + ky - padding) * x.w + kx - padding;
+              for (let xx = x0; xx <= x1; xx++) out[dst + y * ow + xx] += wv * input[row + xx * stride];
             }
           }
         }
@@ -767,4 +770,126 @@ export class RefAdamW {
     }
     return { gradNorm, clipCoefficient, logitScaleUnclamped };
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Finite differences
+
+/** Which forward passes a parameter enters: the image tower, the text tower, or only the loss (the logit scale). */
+function towerOf(name: string): "image" | "text" | "loss" {
+  return name.startsWith("visual.") ? "image" : name === "logit_scale" ? "loss" : "text";
+}
+
+/**
+ * Central finite differences of the float64 reference loss, (L(p + h) - L(p - h)) / 2h for one entry at a time.
+ * Only the tower the parameter belongs to is re-run; the other tower's features are kept.
+ */
+export class RefLossDifferences {
+  private readonly state: Map<string, { shape: number[]; data: Float64Array }>;
+  private readonly imageFeatures: Matrix;
+  private readonly textFeatures: Matrix;
+
+  constructor(
+    state: RefState,
+    private readonly cfg: ClipConfig,
+    private readonly images: ArrayLike<number>,
+    private readonly tokens: Int32Array,
+    private readonly opts: RefImageOptions & { step: number },
+  ) {
+    this.state = toFloat64State(state);
+    this.imageFeatures = refEncodeImage(this.state, cfg, images, opts);
+    this.textFeatures = refEncodeText(this.state, cfg, tokens);
+  }
+
+  loss(): number {
+    return refClipLoss(this.imageFeatures, this.textFeatures, this.state.get("logit_scale")!.data[0]);
+  }
+
+  private lossAt(name: string): number {
+    const tower = towerOf(name);
+    const image = tower === "image" ? refEncodeImage(this.state, this.cfg, this.images, this.opts) : this.imageFeatures;
+    const text = tower === "text" ? refEncodeText(this.state, this.cfg, this.tokens) : this.textFeatures;
+    return refClipLoss(image, text, this.state.get("logit_scale")!.data[0]);
+  }
+
+  /** dLoss / d state[name][index]. */
+  derivative(name: string, index: number): number {
+    const t = this.state.get(name);
+    if (!t || index < 0 || index >= t.data.length) {
+      throw new Error(`finite differences: no entry ${index} of '${name}'`);
+    }
+    const h = this.opts.step;
+    const saved = t.data[index];
+    t.data[index] = saved + h;
+    const up = this.lossAt(name);
+    t.data[index] = saved - h;
+    const down = this.lossAt(name);
+    t.data[index] = saved;
+    return (up - down) / (2 * h);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Inputs for micro models
+
+function normals(rng: Rng, n: number): Float64Array {
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = Math.max(rng.next(), 1e-300);
+    out[i] = Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * rng.next());
+  }
+  return out;
+}
+
+/**
+ * A model's fresh initialisation perturbed the way the reference fixtures were, so that no parameter is zero or one and
+ * symmetric mistakes cannot cancel: norm gains 1 + 0.1 N, biases and running means 0.05 N, running variances
+ * 1 + 0.25 |N|, the logit scale + 0.1 N, every other tensor + 0.25 std N. Values are float32.
+ */
+export function perturbedParameters(
+  initial: ReadonlyMap<string, { shape: number[]; data: Float32Array }>,
+  seed: number,
+): Map<string, { shape: number[]; data: Float32Array }> {
+  const rng = new Rng(seed);
+  const out = new Map<string, { shape: number[]; data: Float32Array }>();
+  for (const [name, t] of initial) {
+    const noise = normals(rng, t.data.length);
+    let data: Float32Array;
+    if (/(^|\.)(ln_\w+|bn\d|downsample\.1)\.weight$/.test(name)) data = Float32Array.from(noise, (z) => 1 + 0.1 * z);
+    else if (name.endsWith("bias") || name.endsWith("running_mean")) data = Float32Array.from(noise, (z) => 0.05 * z);
+    else if (name.endsWith("running_var")) data = Float32Array.from(noise, (z) => 1 + 0.25 * Math.abs(z));
+    else if (name === "logit_scale") data = Float32Array.of(t.data[0] + 0.1 * noise[0]);
+    else {
+      let mean = 0;
+      for (const v of t.data) mean += v / t.data.length;
+      let variance = 0;
+      for (const v of t.data) variance += (v - mean) ** 2 / t.data.length;
+      data = Float32Array.from(t.data, (v, i) => v + 0.25 * Math.sqrt(variance) * noise[i]);
+    }
+    out.set(name, { shape: [...t.shape], data });
+  }
+  return out;
+}
+
+/** `batch` images of normalised pixels, uniform in [-2, 2], as float32. */
+export function randomImages(batch: number, size: number, seed: number): Float32Array {
+  const rng = new Rng(seed);
+  return Float32Array.from({ length: batch * 3 * size * size }, () => rng.next() * 4 - 2);
+}
+
+/**
+ * Token rows like the tokenizer's: SOT (vocab - 2), a body of ids in [1, vocab - 3], EOT (vocab - 1, the largest id,
+ * so it is where features are taken), then padding 0. Lengths differ per row; the last row fills the context.
+ */
+export function randomTokens(batch: number, text: TextConfig, seed: number): Int32Array {
+  const rng = new Rng(seed);
+  const ctx = text.context_length;
+  const out = new Int32Array(batch * ctx);
+  for (let r = 0; r < batch; r++) {
+    const body = r === batch - 1 ? ctx - 2 : 1 + Math.floor(rng.next() * (ctx - 2));
+    out[r * ctx] = text.vocab_size - 2;
+    for (let i = 1; i <= body; i++) out[r * ctx + i] = 1 + Math.floor(rng.next() * (text.vocab_size - 3));
+    out[r * ctx + body + 1] = text.vocab_size - 1;
+  }
+  return out;
 }
