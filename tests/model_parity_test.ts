@@ -35,9 +35,10 @@ for (const name of ["vit_tiny", "vit_tiny_hf", "rn_tiny"]) {
       await withScope(async () => {
         const out = noGrad(() => {
           const x = fromArray(g, images, [images.length / (3 * size * size), 3, size, size]);
+          const text = model.uploadTokens(tokens);
           const imageRaw = model.encodeImage(x);
-          const textRaw = model.encodeText(tokens);
-          const { logitsPerImage, logitScale } = model.forward(x, tokens);
+          const textRaw = model.encodeText(text);
+          const { logitsPerImage, logitScale } = model.forward(x, text);
           return {
             imageRaw,
             textRaw,

@@ -10,6 +10,12 @@ import { encodeImageResNet } from "./resnet.ts";
 import { encodeTextTower, eotPositions } from "./text.ts";
 import { encodeImageViT } from "./vit.ts";
 
+/** Token ids on the GPU with the EOT position of each row. */
+export interface TextInput {
+  ids: Tensor;
+  eot: Tensor;
+}
+
 /** A CLIP model: its config (as data) and its parameters by open_clip name. */
 export class ClipModel {
   constructor(readonly config: ClipConfig, readonly params: Params) {
@@ -41,14 +47,23 @@ export class ClipModel {
       : encodeImageViT(this.params, v, this.activation, images);
   }
 
-  /** Text features before normalisation from token ids i32 [B, ctx] (EOT positions computed from the host copy). */
-  encodeText(tokens: Int32Array): Tensor {
+  /**
+   * Uploads token ids i32 [B, ctx] and their EOT positions. Separate from encoding because an upload submits what was
+   * recorded before it: a step uploads all its inputs first and then records its work as one submission.
+   */
+  uploadTokens(tokens: Int32Array): TextInput {
     const ctx = this.contextLength;
     const gpu = this.params.gpu;
     const rows = tokens.length / ctx;
-    const ids = fromArray(gpu, tokens, [rows, ctx]);
-    const eot = fromArray(gpu, eotPositions(tokens, ctx), [rows]);
-    return encodeTextTower(this.params, this.config.text_cfg, this.activation, ids, eot);
+    if (!Number.isInteger(rows)) {
+      throw new Error(`token array of ${tokens.length} ids is not a multiple of context ${ctx}`);
+    }
+    return { ids: fromArray(gpu, tokens, [rows, ctx]), eot: fromArray(gpu, eotPositions(tokens, ctx), [rows]) };
+  }
+
+  /** Text features before normalisation: [B, embed_dim]. */
+  encodeText(text: TextInput): Tensor {
+    return encodeTextTower(this.params, this.config.text_cfg, this.activation, text.ids, text.eot);
   }
 
   /** exp(logit_scale) as a 0-d tensor. */
@@ -57,9 +72,9 @@ export class ClipModel {
   }
 
   /** Normalised features and logits_per_image = exp(t) * I T^T. */
-  forward(images: Tensor, tokens: Int32Array, training = false) {
+  forward(images: Tensor, text: TextInput, training = false) {
     const imageFeatures = l2Normalize(this.encodeImage(images, training));
-    const textFeatures = l2Normalize(this.encodeText(tokens));
+    const textFeatures = l2Normalize(this.encodeText(text));
     const logitScale = this.logitScaleExp();
     const logitsPerImage = mul(matmul(imageFeatures, textFeatures, { transB: true }), logitScale);
     return { imageFeatures, textFeatures, logitScale, logitsPerImage };

@@ -1,6 +1,6 @@
 // Building blocks shared by the towers, written over open_clip parameter names so that weights load without renaming.
 import type { UnaryOp } from "../../kernels/elementwise.ts";
-import { add, layerNorm, matmul, permute, reshape, scale, slice, softmax } from "../tensor/ops.ts";
+import { add, layerNorm, matmul, permute, reshape, slice, softmax } from "../tensor/ops.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { LAYER_NORM_EPS } from "./config.ts";
 import type { Params } from "./params.ts";
@@ -49,8 +49,8 @@ export function selfAttention(
   const q = reshape(slice(split, 0, 0, 1), [b, heads, t, dh]);
   const k = reshape(slice(split, 0, 1, 2), [b, heads, t, dh]);
   const v = reshape(slice(split, 0, 2, 3), [b, heads, t, dh]);
-  const scores = scale(matmul(q, k, { transB: true }), 1 / Math.sqrt(dh));
-  const attn = matmul(softmax(scores, { causal }), v); // [B, H, T, Dh]
+  const scores = matmul(q, k, { transB: true });
+  const attn = matmul(softmax(scores, { causal, scale: 1 / Math.sqrt(dh) }), v); // [B, H, T, Dh]
   const merged = reshape(permute(attn, [0, 2, 1, 3]), [b, t, w]);
   return linear(p, `${prefix}.out_proj`, merged, { residual });
 }

@@ -9,7 +9,6 @@ import {
   permute,
   relu,
   reshape,
-  scale,
   slice,
   softmax,
 } from "../tensor/ops.ts";
@@ -61,7 +60,7 @@ function attentionPool(p: Params, x: Tensor, heads: number): Tensor {
   const qh = permute(reshape(q, [n, 1, heads, dh]), [0, 2, 1, 3]); // [N, H, 1, dh]
   const kh = permute(reshape(k, [n, length, heads, dh]), [0, 2, 1, 3]); // [N, H, L, dh]
   const vh = permute(reshape(v, [n, length, heads, dh]), [0, 2, 1, 3]);
-  const weights = softmax(scale(matmul(qh, kh, { transB: true }), 1 / Math.sqrt(dh)));
+  const weights = softmax(matmul(qh, kh, { transB: true }), { scale: 1 / Math.sqrt(dh) });
   const pooled = reshape(permute(matmul(weights, vh), [0, 2, 1, 3]), [n, c]);
   return linear(p, "visual.attnpool.c_proj", pooled);
 }
