@@ -1,4 +1,28 @@
 import { matmulKernel, type MatmulSpec, matmulWorkgroups } from "../../../kernels/matmul.ts";
+import {
+  K_STEP,
+  matmulDestination,
+  matmulEpilogueKernel,
+  type MatmulEpilogueSpec,
+  matmulEpilogueUniforms,
+  matmulEpilogueWorkgroups,
+  type MatmulTile,
+  packCopies,
+  type PackedLayout,
+  packedLayout,
+  packKernel,
+  packMode,
+  packUniforms,
+  packWorkgroups,
+  TEXTURE_SEGMENT_ROWS,
+  type TextureMatmulGeometry,
+  textureMatmulKernel,
+  type TextureMatmulSpec,
+  textureMatmulUniforms,
+  textureMatmulWorkgroups,
+  type TextureOperandBinding,
+} from "../../../kernels/matmul_texture.ts";
+import type { Gpu } from "../../gpu/runtime.ts";
 import { elementGroups, unaryBackwardKernel, type UnaryOp } from "../../../kernels/elementwise.ts";
 import { isGradEnabled, record } from "../autograd.ts";
 import { empty, emptyLike } from "../create.ts";
@@ -21,7 +45,7 @@ export interface MatmulOptions {
 // Activations whose derivative is written in terms of the input alone, so a fused residual cannot spoil it.
 const INPUT_DERIVATIVE: ReadonlySet<UnaryOp> = new Set(["gelu", "quick_gelu", "relu", "neg", "square", "log"]);
 
-interface Geometry {
+export interface Geometry {
   batchShape: number[];
   batch: number;
   m: number;
@@ -63,44 +87,247 @@ function geometry(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Geome
   };
 }
 
-/** Records one matmul dispatch without autograd; returns the output and, if asked, the pre-activation values. */
+/** Which kernel runs a matmul: "auto" picks per adapter and size; the others force a path (tests, benchmarks). */
+export type MatmulPath = "auto" | "buffer" | "texture";
+
+let pathOverride: MatmulPath = "auto";
+
+/** Forces a matmul path for every later call (tests and benchmarks); returns the previous setting. */
+export function setMatmulPath(path: MatmulPath): MatmulPath {
+  const previous = pathOverride;
+  pathOverride = path;
+  return previous;
+}
+
+/**
+ * Below this many multiply-adds the texture path's two pack dispatches and bigger launch granularity cost more
+ * than they save over the buffer kernel on the CPU fallback (measured with bench/matmul_bench.ts).
+ */
+export const TEXTURE_MATMUL_MIN_MACS = 1 << 21;
+
+/** How `matmulForward` will run a product: the kernel path and, for the texture path, its tile and layouts. */
+export interface MatmulPlan {
+  path: "buffer" | "texture";
+  geometry: Geometry;
+  texture?: { spec: TextureMatmulSpec; geometry: TextureMatmulGeometry };
+}
+
+/** Decides the path for op(A) op(B) with these options (exported so benchmarks and tests can report it). */
+export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): MatmulPlan {
+  const transA = opts.transA ?? false;
+  const transB = opts.transB ?? false;
+  const g = geometry(a, b, transA, transB);
+  const adapter = a.gpu.adapter;
+  const wanted = pathOverride === "auto"
+    ? adapter.isSoftware && g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
+    : pathOverride === "texture";
+  if (!wanted) return { path: "buffer", geometry: g };
+  const tile = TEXTURE_TILE;
+  const aLayout = packedLayout(g.m, g.k, g.aBatchStride ? g.batch : 1, tile.tm, K_STEP);
+  const bLayout = packedLayout(g.k, g.n, g.bBatchStride ? g.batch : 1, K_STEP, tile.tn);
+  const maxSide = adapter.limits.maxTextureDimension2D ?? 8192;
+  // The layouts wrap rows into segments of TEXTURE_SEGMENT_ROWS; an adapter with smaller textures, or operands
+  // too wide even then (the pool rounds widths up to a power of two), use the buffer kernel.
+  const fits = (l: PackedLayout) => maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(l.width)) <= maxSide;
+  if (!fits(aLayout) || !fits(bLayout)) return { path: "buffer", geometry: g };
+  const spec: TextureMatmulSpec = { tile, lanes: adapter.cpuLanes || 8, binding: textureBinding(adapter.backend) };
+  return {
+    path: "texture",
+    geometry: g,
+    texture: { spec, geometry: { batch: g.batch, m: g.m, n: g.n, a: aLayout, b: bLayout } },
+  };
+}
+
+/**
+ * 32x32 outputs per invocation was the fastest tile measured on llvmpipe. Narrow products need no narrower tile:
+ * invocations run over (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
+ * One tile also means one multi-second compile.
+ */
+const TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
+
+/** Read-only storage textures measured about 20% faster than sampled ones, and both Mesa back ends accept them. */
+function textureBinding(_backend: string): TextureOperandBinding {
+  return "storage";
+}
+
+/** Records one matmul without autograd; returns the output and, if asked, the pre-activation values. */
 export function matmulForward(
   a: Tensor,
   b: Tensor,
   opts: MatmulOptions = {},
   savePreActivation = false,
 ): { out: Tensor; pre: Tensor | null } {
-  const transA = opts.transA ?? false;
-  const transB = opts.transB ?? false;
-  const g = geometry(a, b, transA, transB);
+  const plan = planMatmul(a, b, opts);
+  const g = plan.geometry;
   const outShape = [...g.batchShape, g.m, g.n];
   if (opts.bias && (opts.bias.size !== g.n)) throw new Error(`matmul: bias ${opts.bias} does not match N=${g.n}`);
   if (opts.residual && opts.residual.size !== g.batch * g.m * g.n) {
     throw new Error(`matmul: residual ${opts.residual} does not match the output ${shapeString(outShape)}`);
+  }
+  if (g.k === 0) throw new Error("matmul with K = 0 is not supported");
+  const keepPre = savePreActivation && !!opts.activation;
+  const out = empty(a.gpu, outShape);
+  const pre = keepPre ? empty(a.gpu, outShape) : null;
+  if (plan.texture) {
+    dispatchTextureMatmul(a, b, opts, plan.texture.spec, plan.texture.geometry, out, pre);
+    return { out, pre };
   }
   const spec: MatmulSpec = {
     batch: g.batch,
     m: g.m,
     n: g.n,
     k: g.k,
-    transA,
-    transB,
+    transA: opts.transA ?? false,
+    transB: opts.transB ?? false,
     aBatchStride: g.aBatchStride,
     bBatchStride: g.bBatchStride,
     bias: !!opts.bias,
     activation: opts.activation ?? null,
-    savePreActivation: savePreActivation && !!opts.activation,
+    savePreActivation: keepPre,
     residual: !!opts.residual,
   };
-  const out = empty(a.gpu, outShape);
-  const pre = spec.savePreActivation ? empty(a.gpu, outShape) : null;
   const bindings = [a.buffer, b.buffer, out.buffer];
   if (opts.bias) bindings.push(opts.bias.buffer);
   if (opts.residual) bindings.push(opts.residual.buffer);
   if (pre) bindings.push(pre.buffer);
-  if (g.k === 0) throw new Error("matmul with K = 0 is not supported");
   a.gpu.dispatch(matmulKernel(spec), bindings, matmulWorkgroups(spec));
   return { out, pre };
+}
+
+/** Packs both operands into pooled textures, records the tiled product and, when needed, the epilogue pass. */
+function dispatchTextureMatmul(
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions,
+  spec: TextureMatmulSpec,
+  g: TextureMatmulGeometry,
+  out: Tensor,
+  pre: Tensor | null,
+): void {
+  const gpu = a.gpu;
+  const pool = texturePool(gpu);
+  const ta = pool.acquire(g.a.width, g.a.height);
+  const tb = pool.acquire(g.b.width, g.b.height);
+  const pack = (
+    t: Tensor,
+    tex: PooledTexture,
+    layout: PackedLayout,
+    transposed: boolean,
+    staleRowsAllowed: boolean,
+  ) => {
+    const copies = packCopies(layout, transposed, staleRowsAllowed);
+    if (copies) {
+      gpu.withEncoder((encoder) => {
+        for (const c of copies) {
+          encoder.copyBufferToTexture(
+            { buffer: t.buffer, offset: c.bufferOffset, bytesPerRow: c.bytesPerRow },
+            { texture: tex.texture, origin: [c.x, 0] },
+            [c.width, c.height],
+          );
+        }
+      });
+      return;
+    }
+    const stride = layout.batches > 1 ? layout.rows * layout.cols : 0;
+    const mode = packMode(layout, transposed);
+    gpu.dispatch(
+      packKernel(mode),
+      [t.buffer, tex.view],
+      packWorkgroups(layout, mode),
+      packUniforms(layout, mode, stride),
+    );
+  };
+  // A's padding rows only feed output rows that are never stored; B's padding rows are K padding and must be zero.
+  pack(a, ta, g.a, opts.transA ?? false, true);
+  pack(b, tb, g.b, opts.transB ?? false, false);
+  const direct = g.n % 4 === 0;
+  const dest = matmulDestination(spec, g, direct);
+  const scratch = direct ? null : gpu.pool.acquire(g.batch * dest.rows * dest.rowStride * 4);
+  gpu.dispatch(
+    textureMatmulKernel(spec),
+    [ta.view, tb.view, scratch ?? out.buffer],
+    textureMatmulWorkgroups(spec, g),
+    textureMatmulUniforms(spec, g, dest),
+  );
+  // Commands run in recording order, so a later user of these textures or buffers cannot overtake this product.
+  pool.release(ta);
+  pool.release(tb);
+  const epilogue: MatmulEpilogueSpec = {
+    inPlace: direct,
+    bias: !!opts.bias,
+    activation: opts.activation ?? null,
+    savePreActivation: pre !== null,
+    residual: !!opts.residual,
+  };
+  if (direct && !epilogue.bias && !epilogue.activation && !epilogue.residual) return;
+  const bindings = [
+    ...(scratch ? [scratch] : []),
+    out.buffer,
+    ...(opts.bias ? [opts.bias.buffer] : []),
+    ...(opts.residual ? [opts.residual.buffer] : []),
+    ...(pre ? [pre.buffer] : []),
+  ];
+  gpu.dispatch(
+    matmulEpilogueKernel(epilogue),
+    bindings,
+    matmulEpilogueWorkgroups(g.batch, g.m, g.n),
+    matmulEpilogueUniforms(g.batch, g.m, g.n, dest),
+  );
+  if (scratch) gpu.pool.release(scratch);
+}
+
+interface PooledTexture {
+  texture: GPUTexture;
+  view: GPUTextureView;
+  sizeKey: string;
+}
+
+/**
+ * Reuses operand textures across calls, so a training step of fixed shapes creates its textures once. Extents are
+ * rounded up to powers of two: llvmpipe compiles a separate variant of a shader for each combination of
+ * power-of-two and other texture extents it is run with (25 s each for the 32x32 kernel), and the kernels address
+ * textures through uniforms, so a bigger texture serves as well.
+ */
+class TexturePool {
+  private free = new Map<string, PooledTexture[]>();
+
+  constructor(private device: GPUDevice) {}
+
+  private extent(n: number): number {
+    return 2 ** Math.ceil(Math.log2(Math.max(n, 1)));
+  }
+
+  acquire(width: number, height: number): PooledTexture {
+    const w = this.extent(width);
+    const h = this.extent(height);
+    const sizeKey = `${w}x${h}`;
+    const reused = this.free.get(sizeKey)?.pop();
+    if (reused) return reused;
+    const texture = this.device.createTexture({
+      size: [w, h],
+      format: "rgba32float",
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+      label: `matmul operand ${sizeKey}`,
+    });
+    return { texture, view: texture.createView(), sizeKey };
+  }
+
+  release(t: PooledTexture): void {
+    let list = this.free.get(t.sizeKey);
+    if (!list) this.free.set(t.sizeKey, list = []);
+    list.push(t);
+  }
+}
+
+const pools = new WeakMap<Gpu, TexturePool>();
+
+function texturePool(gpu: Gpu): TexturePool {
+  let pool = pools.get(gpu);
+  if (!pool) {
+    pool = new TexturePool(gpu.device);
+    pools.set(gpu, pool);
+  }
+  return pool;
 }
 
 /** Sums a batched gradient over its leading batch axes when the operand was shared by the whole batch. */

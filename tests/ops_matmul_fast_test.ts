@@ -1,0 +1,200 @@
+// The texture-operand matmul path (the fast path on CPU back ends), forced on, against float64 references. Every
+// case runs the same 32x32 kernel, so the suite pays its compile once (seconds, then Mesa's disk cache).
+import assert from "node:assert/strict";
+import { assertClose, f32, gpu, gradOf, param, randomArray, refMatmul } from "./helpers.ts";
+import { backward } from "../lib/tensor/autograd.ts";
+import { fromArray } from "../lib/tensor/create.ts";
+import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
+import { matmul, matmulForward, planMatmul, setMatmulPath } from "../lib/tensor/ops/matmul.ts";
+import { packCopies, packedLayout, TEXTURE_SEGMENT_ROWS } from "../kernels/matmul_texture.ts";
+import { withScope } from "../lib/tensor/tensor.ts";
+
+async function withTexturePath(fn: () => Promise<void>): Promise<void> {
+  const previous = setMatmulPath("texture");
+  try {
+    await withScope(fn);
+  } finally {
+    setMatmulPath(previous);
+  }
+}
+
+/** erf in float64: its Maclaurin series up to |x| = 4 (100 terms), and +-1 beyond (erfc(4) < 2e-8). */
+function erf(x: number): number {
+  if (Math.abs(x) > 4) return Math.sign(x);
+  let term = x, total = x;
+  for (let n = 1; n < 100; n++) {
+    term *= -x * x / n;
+    total += term / (2 * n + 1);
+  }
+  return 2 / Math.sqrt(Math.PI) * total;
+}
+const gelu = (x: number) => 0.5 * x * (1 + erf(x / Math.SQRT2));
+
+// Shapes that are multiples of no tile size; N=45 takes the scratch-buffer route, K=37 pads the k passes.
+const M = 70, N = 45, K = 37;
+
+Deno.test("texture matmul: all transposes on a 70x45x37 product", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    for (const transA of [false, true]) {
+      for (const transB of [false, true]) {
+        const a = param(g, transA ? [K, M] : [M, K], 11, -1, 1, false);
+        const b = param(g, transB ? [N, K] : [K, N], 12, -1, 1, false);
+        assert.equal(planMatmul(a.t, b.t, { transA, transB }).path, "texture");
+        const { out } = matmulForward(a.t, b.t, { transA, transB });
+        assertClose(await out.read(), refMatmul(a.v, b.v, M, N, K, transA, transB), {
+          what: `${transA ? "A^T" : "A"} x ${transB ? "B^T" : "B"}`,
+        });
+      }
+    }
+  });
+});
+
+Deno.test("texture matmul: batch 3 with a shared transposed weight, bias + gelu + residual, pre-activation", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    const B = 3;
+    const a = param(g, [B, M, K], 21, -1, 1, false);
+    const w = param(g, [N, K], 22, -1, 1, false);
+    const bias = param(g, [N], 23, -1, 1, false);
+    const res = param(g, [B, M, N], 24, -1, 1, false);
+    const { out, pre } = matmulForward(
+      a.t,
+      w.t,
+      { transB: true, bias: bias.t, activation: "gelu", residual: res.t },
+      true,
+    );
+    assert.ok(pre);
+    const z = new Float64Array(B * M * N);
+    for (let bi = 0; bi < B; bi++) {
+      z.set(refMatmul(a.v.subarray(bi * M * K, (bi + 1) * M * K), w.v, M, N, K, false, true), bi * M * N);
+    }
+    for (let i = 0; i < z.length; i++) z[i] += bias.v[i % N];
+    assertClose(await pre.read(), z, { what: "pre-activation" });
+    assertClose(await out.read(), z.map((v, i) => gelu(v) + res.v[i]), { what: "output" });
+  });
+});
+
+Deno.test("texture matmul: batched A and B, and a shared A, with N a multiple of 4 (direct stores)", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    const B = 3, m = 50, n = 52, k = 64;
+    const a = param(g, [B, m, k], 31, -1, 1, false);
+    const b = param(g, [B, n, k], 32, -1, 1, false);
+    const out = matmulForward(a.t, b.t, { transB: true }).out;
+    const shared = param(g, [k, m], 33, -1, 1, false);
+    const out2 = matmulForward(shared.t, b.t, { transA: true, transB: true }).out;
+    const expected = new Float64Array(B * m * n);
+    const expected2 = new Float64Array(B * m * n);
+    for (let bi = 0; bi < B; bi++) {
+      const bb = b.v.subarray(bi * n * k, (bi + 1) * n * k);
+      expected.set(refMatmul(a.v.subarray(bi * m * k, (bi + 1) * m * k), bb, m, n, k, false, true), bi * m * n);
+      expected2.set(refMatmul(shared.v, bb, m, n, k, true, true), bi * m * n);
+    }
+    assertClose(await out.read(), expected, { what: "batched" });
+    assertClose(await out2.read(), expected2, { what: "shared A" });
+  });
+});
+
+Deno.test("texture matmul: gradients through the fast path match float64", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    const a = param(g, [M, K], 41);
+    const b = param(g, [N, K], 42);
+    const bias = param(g, [N], 43);
+    const out = matmul(a.t, b.t, { transB: true, bias: bias.t, activation: "gelu" });
+    const w = f32(randomArray(M * N, 44));
+    backward(sum(mul(out, fromArray(g, Float32Array.from(w), [M, N]))));
+    const z = refMatmul(a.v, b.v, M, N, K, false, true);
+    for (let i = 0; i < z.length; i++) z[i] += bias.v[i % N];
+    assertClose(await out.read(), z.map(gelu), { what: "forward" });
+    const h = 1e-4;
+    const dz = z.map((v, i) => w[i] * (gelu(v + h) - gelu(v - h)) / (2 * h));
+    assertClose(await gradOf(a.t), refMatmul(dz, b.v, M, K, N), { what: "grad A", rtol: 1e-3, atol: 1e-4 });
+    assertClose(await gradOf(b.t), refMatmul(dz, a.v, N, K, M, true), { what: "grad B", rtol: 1e-3, atol: 1e-4 });
+  });
+});
+
+/** Float64 dot products at `count` random positions of C = op(A) op(B). */
+function sampledCheck(
+  actual: Float32Array,
+  a: Float64Array,
+  b: Float64Array,
+  dims: { batch: number; m: number; n: number; k: number; aShared?: boolean },
+  count: number,
+  seed: number,
+): void {
+  const { batch, m, n, k } = dims;
+  const picks = randomArray(count, seed, 0, batch * m * n);
+  const got: number[] = [];
+  const want: number[] = [];
+  for (const p of picks) {
+    const idx = Math.floor(p);
+    const bi = Math.floor(idx / (m * n));
+    const i = Math.floor(idx / n) % m;
+    const j = idx % n;
+    const aBase = dims.aShared ? 0 : bi * m * k;
+    let s = 0;
+    for (let q = 0; q < k; q++) s += a[aBase + i * k + q] * b[bi * k * n + q * n + j];
+    got.push(actual[idx]);
+    want.push(s);
+  }
+  assertClose(got, want, { what: `sampled ${batch}x${m}x${n}x${k}` });
+}
+
+Deno.test("texture matmul: 300x260x129 sampled at 200 positions", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    const m = 300, n = 260, k = 129;
+    const a = param(g, [m, k], 51, -1, 1, false);
+    const b = param(g, [k, n], 52, -1, 1, false);
+    const out = matmulForward(a.t, b.t).out;
+    sampledCheck(await out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 53);
+  });
+});
+
+Deno.test("texture matmul: operands taller than one texture wrap into segments (copy and pack routes)", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    // A: 20000 x 64 rows go by buffer-to-texture copies in two segments; B by the pack kernel.
+    const m = 20000, n = 36, k = 64;
+    const a = param(g, [m, k], 61, -1, 1, false);
+    const b = param(g, [k, n], 62, -1, 1, false);
+    const plan = planMatmul(a.t, b.t);
+    assert.ok(plan.texture && plan.texture.geometry.a.height === TEXTURE_SEGMENT_ROWS);
+    assert.ok(packCopies(plan.texture.geometry.a, false, true)?.length === 2);
+    sampledCheck(await matmulForward(a.t, b.t).out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 63);
+    // A batch of 600 products packs 600 x 64 rows of each operand: both wrap, at batch boundaries.
+    const batch = 600, bm = 40, bn = 40, bk = 16;
+    const ba = param(g, [batch, bm, bk], 64, -1, 1, false);
+    const bb = param(g, [batch, bk, bn], 65, -1, 1, false);
+    const bplan = planMatmul(ba.t, bb.t);
+    assert.ok(bplan.texture && bplan.texture.geometry.a.width > bplan.texture.geometry.a.texelsPerRow);
+    sampledCheck(await matmulForward(ba.t, bb.t).out.read(), ba.v, bb.v, { batch, m: bm, n: bn, k: bk }, 200, 66);
+  });
+});
+
+Deno.test("packed layouts: padding, segments and when a plain copy can fill the texture", () => {
+  const l = packedLayout(70, 37, 3, 32, 8);
+  assert.deepEqual([l.rowsPerBatch, l.texelsPerRow, l.width, l.height], [96, 10, 10, 288]);
+  const tall = packedLayout(20000, 128, 1, 32, 8);
+  assert.deepEqual([tall.width, tall.height], [64, TEXTURE_SEGMENT_ROWS]);
+  assert.deepEqual(packCopies(tall, false, true)?.map((c) => [c.bufferOffset, c.x, c.height]), [
+    [0, 0, TEXTURE_SEGMENT_ROWS],
+    [TEXTURE_SEGMENT_ROWS * 512, 32, 20000 - TEXTURE_SEGMENT_ROWS],
+  ]);
+  assert.equal(packCopies(tall, true, true), null, "transposed operands need the pack kernel");
+  assert.equal(packCopies(packedLayout(37, 128, 1, 8, 32), false, false), null, "K padding must be zeroed");
+  assert.equal(packCopies(packedLayout(32, 96, 1, 8, 32), false, false), null, "rows must be 256-byte aligned");
+});
+
+Deno.test("auto path: small products use the buffer kernel, large ones the texture path on CPU back ends", async () => {
+  const g = await gpu();
+  await withScope(async () => {
+    const small = param(g, [8, 8], 71, -1, 1, false).t;
+    assert.equal(planMatmul(small, small).path, "buffer");
+    const big = fromArray(g, new Float32Array(256 * 256), [256, 256]);
+    assert.equal(planMatmul(big, big).path, g.adapter.isSoftware ? "texture" : "buffer");
+    await g.sync();
+  });
+});
