@@ -36,7 +36,8 @@ function geometryKey(g: ConvGeometry): string {
 /**
  * How the unfolded columns of a chunk of `images` images are stored:
  * - "per_image": [images, K, P], so out[n] = W [Cout, K] x cols[n] is a batched matmul that lands in NCHW order;
- * - "channel_major": [K, images, P], so the weight gradient dY^T-contracted over (image, pixel) is one matmul.
+ * - "channel_major": [K, images, P], so the weight gradient, a contraction over images and pixels together, is one
+ *   matmul with dY in the same layout ([Cout, images, P], the unfolding of a 1x1 convolution).
  */
 export type ColumnLayout = "per_image" | "channel_major";
 

@@ -33,8 +33,9 @@ function checkOperands(x: Tensor, params: Record<string, Tensor>): BatchNormShap
 
 /**
  * 2-D batch normalisation over x [N, C, H, W], as PyTorch's BatchNorm2d. In training the batch mean and biased
- * variance normalise x, and runningMean/runningVar are updated in place (with the unbiased variance) when the op is
- * recorded; in eval the running statistics normalise x and nothing is updated. Backward gives dx (through the batch
+ * variance normalise x, and runningMean/runningVar are updated in place as PyTorch does (with the unbiased variance)
+ * by the same recorded work, with or without autograd; in eval the running statistics normalise x and nothing is
+ * updated. PyTorch's num_batches_tracked counter is the caller's to keep. Backward gives dx (through the batch
  * statistics in training, affine only in eval), dweight and dbias.
  */
 export function batchNorm2d(
