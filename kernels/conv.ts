@@ -84,11 +84,17 @@ export function im2colKernel(g: ConvGeometry, images: number, layout: ColumnLayo
 /**
  * dx[first_image .. first_image + images] = col2im(dcols) with dcols stored "per_image" [images, K, P]. Each input
  * pixel gathers the column entries of every output pixel whose window covers it, so no two invocations write the
- * same element. Bindings: dcols, dx (whole batch), chunk uniform.
+ * same element; it walks only those output pixels (at most ceil(kernel / stride) per axis), not every kernel tap.
+ * Bindings: dcols, dx (whole batch), chunk uniform.
  */
 export function col2imKernel(g: ConvGeometry, images: number): Kernel {
   const K = patchSize(g), P = outputPixels(g);
   const HW = g.height * g.width;
+  // Output rows whose window covers input row iy: oy * stride - pad <= iy <= oy * stride - pad + kernel - 1.
+  const coveringRange = (axis: "y" | "x", kernel: number, stride: number, pad: number, outSize: number) =>
+    `let t${axis} = i${axis} + (${pad - kernel + 1});
+  let o${axis}_lo = select(0, (t${axis} + ${stride - 1}) / ${stride}, t${axis} > 0);
+  let o${axis}_hi = min((i${axis} + ${pad}) / ${stride}, ${outSize - 1});`;
   return perElementKernel(
     `col2im/${geometryKey(g)}/${images}`,
     images * g.inChannels * HW,
@@ -100,17 +106,15 @@ export function col2imKernel(g: ConvGeometry, images: number): Kernel {
   let ci = (i / ${HW}u) % ${g.inChannels}u;
   let iy = i32((i / ${g.width}u) % ${g.height}u);
   let ix = i32(i % ${g.width}u);
+  ${coveringRange("y", g.kernelH, g.strideH, g.padH, g.outH)}
+  ${coveringRange("x", g.kernelW, g.strideW, g.padW, g.outW)}
   let base = n * ${K * P}u + ci * ${g.kernelH * g.kernelW * P}u;
   var acc = 0.0;
-  for (var ky = 0; ky < ${g.kernelH}; ky++) {
-    let ty = iy + ${g.padH} - ky;
-    if (ty < 0 || ty % ${g.strideH} != 0 || ty / ${g.strideH} >= ${g.outH}) { continue; }
-    let oy = u32(ty / ${g.strideH});
-    for (var kx = 0; kx < ${g.kernelW}; kx++) {
-      let tx = ix + ${g.padW} - kx;
-      if (tx < 0 || tx % ${g.strideW} != 0 || tx / ${g.strideW} >= ${g.outW}) { continue; }
-      let ox = u32(tx / ${g.strideW});
-      acc += dcols[base + (u32(ky) * ${g.kernelW}u + u32(kx)) * ${P}u + oy * ${g.outW}u + ox];
+  for (var oy = oy_lo; oy <= oy_hi; oy++) {
+    let ky = iy + ${g.padH} - oy * ${g.strideH};
+    for (var ox = ox_lo; ox <= ox_hi; ox++) {
+      let kx = ix + ${g.padW} - ox * ${g.strideW};
+      acc += dcols[base + u32(ky * ${g.kernelW} + kx) * ${P}u + u32(oy * ${g.outW} + ox)];
     }
   }
   dx[chunk.first_image * ${g.inChannels * HW}u + i] = acc;`,
