@@ -35,7 +35,7 @@ export interface Conv2dOptions {
   padding?: Pair;
   /**
    * The largest temporary (in elements) one batch chunk may make; the batch is processed in chunks of whole images
-   * that fit. Defaults to what one storage binding holds; tests lower it to exercise chunking.
+   * that fit. Defaults to half of what one storage binding holds; tests lower it to exercise chunking.
    */
   maxChunkElements?: number;
 }
@@ -89,11 +89,15 @@ function transposeGeometry(channels: number, height: number, width: number): Con
   };
 }
 
-/** Elements one storage binding can hold, rounded down to a power of two so that pooled buffers stay within it. */
-function bindingElements(gpu: Gpu): number {
+/**
+ * The default chunk budget: half of what one storage binding holds (rounded down to a power of two so that pooled
+ * buffers stay within it). The other half is headroom for the matmul's own padded copies of its operands; chunks
+ * this large are already far past the size where splitting costs anything.
+ */
+function chunkBudgetElements(gpu: Gpu): number {
   const limits = gpu.device.limits;
   const bytes = Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
-  return 2 ** Math.floor(Math.log2(bytes)) / 4;
+  return 2 ** Math.floor(Math.log2(bytes)) / 4 / 2;
 }
 
 interface Chunk {
@@ -105,7 +109,7 @@ interface Chunk {
 function planChunks(batch: number, perImage: number, maxElements: number): Chunk[] {
   if (perImage > maxElements) {
     throw new Error(
-      `conv2d: one image needs a ${perImage}-element temporary, more than the ${maxElements} one binding holds`,
+      `conv2d: one image needs a ${perImage}-element temporary, more than the chunk budget of ${maxElements}`,
     );
   }
   const chunkCount = Math.ceil(batch / Math.floor(maxElements / perImage));
@@ -145,7 +149,7 @@ function reshaped(t: Tensor, shape: readonly number[]): Tensor {
 
 function chunksFor(x: Tensor, weight: Tensor, g: ConvGeometry, maxChunkElements?: number): Chunk[] {
   const perImage = Math.max(patchSize(g), weight.shape[0]) * outputPixels(g);
-  return planChunks(x.shape[0], perImage, maxChunkElements ?? bindingElements(x.gpu));
+  return planChunks(x.shape[0], perImage, maxChunkElements ?? chunkBudgetElements(x.gpu));
 }
 
 /** Records the convolution without autograd: out[n] = W [Cout, K] x im2col(x[n]) [K, P] (+ bias per channel). */
