@@ -5,6 +5,8 @@ import { parquetReadObjects } from "hyparquet";
 import { decodeEvalImage } from "../lib/data/image.ts";
 import { TarWriter } from "../lib/data/tar_writer.ts";
 import type { ClipModel } from "../lib/nn/clip.ts";
+import type { ClipTokenizer } from "../lib/data/tokenizer.ts";
+import { fillTemplate } from "../lib/eval/templates.ts";
 import type { PreprocessConfig } from "../lib/nn/config.ts";
 import { noGrad } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
@@ -113,4 +115,29 @@ export async function captured<T>(fn: () => Promise<T>): Promise<{ result: T; st
     console.log = log;
     console.error = error;
   }
+}
+
+/** CLIP's classifier in float64 from raw (unnormalised) prompt features computed with the model directly. */
+export async function referenceClassifier(
+  model: ClipModel,
+  tokenizer: ClipTokenizer,
+  classes: string[],
+  templates: readonly string[],
+): Promise<Float64Array> {
+  const dim = model.config.embed_dim;
+  const prompts = classes.flatMap((c) => templates.map((t) => fillTemplate(t, c)));
+  const raw = await withScope(async () =>
+    await noGrad(() => model.encodeText(model.uploadTokens(tokenizer.tokenize(prompts, model.contextLength)))).read()
+  );
+  const perPrompt = normaliseRows(raw, dim);
+  const out = new Float64Array(classes.length * dim);
+  for (let c = 0; c < classes.length; c++) {
+    const mean = new Float64Array(dim);
+    for (let t = 0; t < templates.length; t++) {
+      for (let k = 0; k < dim; k++) mean[k] += perPrompt[(c * templates.length + t) * dim + k] / templates.length;
+    }
+    const norm = Math.sqrt(mean.reduce((s, v) => s + v * v, 0));
+    for (let k = 0; k < dim; k++) out[c * dim + k] = mean[k] / norm;
+  }
+  return out;
 }

@@ -13,46 +13,18 @@ import {
 } from "../lib/eval/templates.ts";
 import { zeroShotProbabilities } from "../lib/eval/zeroshot.ts";
 import { getGpu } from "../lib/gpu/runtime.ts";
-import type { ClipModel } from "../lib/nn/clip.ts";
 import { loadModel } from "../lib/nn/load.ts";
-import { noGrad } from "../lib/tensor/autograd.ts";
-import { withScope } from "../lib/tensor/tensor.ts";
 import {
   captured,
   FIXTURE_IMAGES,
   maxAbsDiff,
-  normaliseRows,
   PREPROCESS_DIR,
+  referenceClassifier,
   referenceFeaturesOfFiles,
   VIT_TINY,
 } from "./eval_helpers.ts";
 
 const CLASSES = ["cat", "dog", "a red square", "grey stripes"];
-
-/** CLIP's classifier in float64 from raw (unnormalised) prompt features computed with the model directly. */
-async function referenceClassifier(
-  model: ClipModel,
-  tokenizer: ClipTokenizer,
-  classes: string[],
-  templates: readonly string[],
-): Promise<Float64Array> {
-  const dim = model.config.embed_dim;
-  const prompts = classes.flatMap((c) => templates.map((t) => fillTemplate(t, c)));
-  const raw = await withScope(async () =>
-    await noGrad(() => model.encodeText(model.uploadTokens(tokenizer.tokenize(prompts, model.contextLength)))).read()
-  );
-  const perPrompt = normaliseRows(raw, dim);
-  const out = new Float64Array(classes.length * dim);
-  for (let c = 0; c < classes.length; c++) {
-    const mean = new Float64Array(dim);
-    for (let t = 0; t < templates.length; t++) {
-      for (let k = 0; k < dim; k++) mean[k] += perPrompt[(c * templates.length + t) * dim + k] / templates.length;
-    }
-    const norm = Math.sqrt(mean.reduce((s, v) => s + v * v, 0));
-    for (let k = 0; k < dim; k++) out[c * dim + k] = mean[k] / norm;
-  }
-  return out;
-}
 
 function softmaxRows(logits: Float64Array, classes: number): Float64Array {
   const out = new Float64Array(logits.length);
