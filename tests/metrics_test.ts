@@ -14,6 +14,7 @@ const TEXT_TO_IMAGE = [0, 0, 1, 2, 0];
 
 Deno.test("retrievalRecall: hand-computed ranks with ties and several captions per image", () => {
   const m = retrievalRecall(IMAGES, TEXTS, 2, TEXT_TO_IMAGE, [1, 2, 3, 5]);
+  assert.deepEqual(retrievalRecall(IMAGES, TEXTS, 2, TEXT_TO_IMAGE, [1, 2, 3, 5], 5), m, "one image row per block");
   // Text -> image ranks: T0 0; T1 2 (I1 = 1 and I2 = s beat I0 = 0); T2 2 (I2 = 1 beats, I0 = s ties with I1 = s and
   // a tie counts against); T3 1 (I1 = 0 beats I2 = -s); T4 0.
   assert.equal(m["image_retrieval_recall@1"], 2 / 5);
@@ -74,6 +75,9 @@ Deno.test("retrievalRecall matches a sort-based float64 reference on random embe
   const texts = normalise(randomArray(nTexts * dim, 12));
   const textToImage = Array.from({ length: nTexts }, (_, j) => j % nImages);
   const got = retrievalRecall(images, texts, dim, textToImage, [1, 5, 10]);
+  // Scored three image rows at a time (blocks of 135 values), the result is the same.
+  assert.deepEqual(retrievalRecall(images, texts, dim, textToImage, [1, 5, 10], 3 * nTexts), got);
+  assert.deepEqual(retrievalRecall(images, texts, dim, textToImage, [1, 5, 10], 1), got);
   const dot = (i: number, j: number) => {
     let s = 0;
     for (let k = 0; k < dim; k++) s += images[i * dim + k] * texts[j * dim + k];
