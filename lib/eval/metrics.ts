@@ -5,19 +5,19 @@
 // model (all embeddings equal) at chance level instead of a perfect score. Other correct candidates (the other
 // captions of the same image) never count against each other.
 
+/** Dot product of row `i` of `a` and row `j` of `b`, accumulated in float64 in index order. */
+function dotRows(a: Float32Array, i: number, b: Float32Array, j: number, dim: number): number {
+  let s = 0;
+  const ai = i * dim, bj = j * dim;
+  for (let k = 0; k < dim; k++) s += a[ai + k] * b[bj + k];
+  return s;
+}
+
 /** Row-major similarity a b^T of [n, d] and [m, d] embeddings. */
 export function similarity(a: Float32Array, b: Float32Array, dim: number): Float32Array {
   const n = a.length / dim, m = b.length / dim;
   const out = new Float32Array(n * m);
-  for (let i = 0; i < n; i++) {
-    const ai = a.subarray(i * dim, (i + 1) * dim);
-    for (let j = 0; j < m; j++) {
-      let s = 0;
-      const o = j * dim;
-      for (let k = 0; k < dim; k++) s += ai[k] * b[o + k];
-      out[i * m + j] = s;
-    }
-  }
+  for (let i = 0; i < n; i++) for (let j = 0; j < m; j++) out[i * m + j] = dotRows(a, i, b, j, dim);
   return out;
 }
 
@@ -35,6 +35,9 @@ function bestRank(score: (j: number) => number, count: number, targets: readonly
   return rank;
 }
 
+/** Scores computed at once by retrievalRecall: 4M floats, 16 MB. */
+const SCORE_BLOCK_VALUES = 1 << 22;
+
 export interface RetrievalMetrics {
   /** `image_retrieval_recall@K` (text to image) and `text_retrieval_recall@K` (image to text), in [0, 1]. */
   [name: string]: number;
@@ -45,6 +48,7 @@ export interface RetrievalMetrics {
  * (an image may have several captions).
  * image_retrieval_recall@K: share of captions whose image ranks in the top K images;
  * text_retrieval_recall@K: share of images with at least one of their captions in the top K captions.
+ * `blockValues` bounds the scores held at once (the result does not depend on it).
  */
 export function retrievalRecall(
   imageEmb: Float32Array,
@@ -52,6 +56,7 @@ export function retrievalRecall(
   dim: number,
   textToImage: readonly number[],
   ks: readonly number[] = [1, 5, 10],
+  blockValues = SCORE_BLOCK_VALUES,
 ): RetrievalMetrics {
   const nImages = imageEmb.length / dim;
   const nTexts = textEmb.length / dim;
@@ -65,10 +70,22 @@ export function retrievalRecall(
     }
     captionsOf[img].push(j);
   });
-  // One [images, texts] matrix serves both directions.
-  const scores = similarity(imageEmb, textEmb, dim);
-  const imageRanks = captionsOf.map((caps, i) => bestRank((j) => scores[i * nTexts + j], nTexts, caps));
-  const textRanks = textToImage.map((img, j) => bestRank((i) => scores[i * nTexts + j], nImages, [img]));
+  // The score matrix is never held whole (5,000 images x 25,000 captions would be 500 MB): image rows are scored in
+  // blocks, each block settles its images' ranks and adds to every caption's count of images scoring at least as high
+  // as the caption's own. The own scores are rounded to float32 exactly as the blocks are, so ties stay exact.
+  const own = textToImage.map((img, j) => Math.fround(dotRows(imageEmb, img, textEmb, j, dim)));
+  const textRanks = new Array<number>(nTexts).fill(0);
+  const imageRanks = new Array<number>(nImages);
+  const blockRows = Math.max(1, Math.floor(blockValues / Math.max(1, nTexts)));
+  for (let start = 0; start < nImages; start += blockRows) {
+    const end = Math.min(nImages, start + blockRows);
+    const block = similarity(imageEmb.subarray(start * dim, end * dim), textEmb, dim);
+    for (let i = start; i < end; i++) {
+      const row = block.subarray((i - start) * nTexts, (i - start + 1) * nTexts);
+      imageRanks[i] = bestRank((j) => row[j], nTexts, captionsOf[i]);
+      for (let j = 0; j < nTexts; j++) if (row[j] >= own[j] && textToImage[j] !== i) textRanks[j]++;
+    }
+  }
   const out: RetrievalMetrics = {};
   for (const k of ks) {
     out[`image_retrieval_recall@${k}`] = textRanks.filter((r) => r < k).length / nTexts;
