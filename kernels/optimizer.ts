@@ -15,14 +15,15 @@ export interface AdamWUniforms {
   /** 1 - beta1^t and 1 - beta2^t for the step t being taken. */
   biasCorrection1: number;
   biasCorrection2: number;
-  /** The updated value is clamped to at most this (the logit scale's ln 100); Infinity for none. */
+  /** The updated value is clamped into [clampMin, clampMax] (the logit scale's [0, ln 100]); ±Infinity for none. */
+  clampMin: number;
   clampMax: number;
 }
 
 export function adamwUniforms(u: AdamWUniforms): ArrayBuffer {
   const buf = new ArrayBuffer(48);
   new Uint32Array(buf, 0, 1)[0] = u.n;
-  new Float32Array(buf, 4, 8).set([
+  new Float32Array(buf, 4, 9).set([
     u.lr,
     u.weightDecay,
     u.beta1,
@@ -30,6 +31,7 @@ export function adamwUniforms(u: AdamWUniforms): ArrayBuffer {
     u.eps,
     u.biasCorrection1,
     u.biasCorrection2,
+    Math.max(u.clampMin, -3.4e38),
     Math.min(u.clampMax, 3.4e38),
   ]);
   return buf;
@@ -44,7 +46,7 @@ export function adamwKernel(): Kernel {
     key: "adamw",
     wgsl: () =>
       `${LINEAR_WORKGROUP_WGSL}
-struct U { n: u32, lr: f32, wd: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, clamp_max: f32 };
+struct U { n: u32, lr: f32, wd: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, clamp_min: f32, clamp_max: f32 };
 @group(0) @binding(0) var<storage, read_write> param: array<f32>;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> m: array<f32>;
@@ -63,7 +65,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   m[i] = mi;
   v[i] = vi;
   p = p - (u.lr / u.bc1) * mi / (sqrt(vi) / sqrt(u.bc2) + u.eps);
-  param[i] = min(p, u.clamp_max);
+  param[i] = clamp(p, u.clamp_min, u.clamp_max);
 }`,
   };
 }

@@ -50,6 +50,7 @@ export class Gpu {
   private uniformOffset = 0;
   private readonly uniformAlign: number;
   private firstError: string | null = null;
+  private profile: { querySet: GPUQuerySet; capacity: number; keys: string[] } | null = null;
   private lost = false;
 
   private constructor(readonly device: GPUDevice, readonly adapter: AdapterSummary) {
@@ -149,13 +150,61 @@ export class Gpu {
     const entries: GPUBindGroupEntry[] = bindings.map((b, i) => ({ binding: i, resource: bindingResource(b) }));
     if (uniforms) entries.push({ binding: bindings.length, resource: this.stageUniforms(uniforms) });
     const bindGroup = this.device.createBindGroup({ layout, entries });
-    const pass = this.computePass();
+    const pass = this.profile ? this.profiledPass(kernel.key) : this.computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
     const [x, y, z] = typeof workgroups === "number" ? foldWorkgroups(workgroups) : workgroups;
     if (x === 0 || (y ?? 1) === 0 || (z ?? 1) === 0) return;
     pass.dispatchWorkgroups(x, y ?? 1, z ?? 1);
     this.stats.dispatches++;
+    if (this.profile) this.endPass();
+  }
+
+  /** A pass of its own for one dispatch, with timestamps around it (profiling only). */
+  private profiledPass(key: string): GPUComputePassEncoder {
+    const p = this.profile!;
+    this.endPass();
+    const i = p.keys.length;
+    if (i >= p.capacity) return this.computePass();
+    p.keys.push(key);
+    this.pass = this.commandEncoder().beginComputePass({
+      timestampWrites: { querySet: p.querySet, beginningOfPassWriteIndex: 2 * i, endOfPassWriteIndex: 2 * i + 1 },
+    });
+    return this.pass;
+  }
+
+  /**
+   * Times every dispatch from now until `stopProfiling` with GPU timestamps (each dispatch then runs in a pass of
+   * its own, which costs a little). Needs the adapter's timestamp-query feature.
+   */
+  startProfiling(capacity = 2048): void {
+    if (!this.device.features.has("timestamp-query")) {
+      throw new ClipError("profiling needs the adapter's timestamp-query feature, which this adapter lacks");
+    }
+    this.flush();
+    this.profile = {
+      querySet: this.device.createQuerySet({ type: "timestamp", count: 2 * capacity }),
+      capacity,
+      keys: [],
+    };
+  }
+
+  /** Per-dispatch GPU times (ms) since `startProfiling`, in order. */
+  async stopProfiling(): Promise<{ key: string; ms: number }[]> {
+    const p = this.profile;
+    if (!p) return [];
+    this.profile = null;
+    const n = p.keys.length;
+    if (n === 0) return [];
+    const resolved = this.device.createBuffer({
+      size: 16 * n,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+    this.withEncoder((e) => e.resolveQuerySet(p.querySet, 0, 2 * n, resolved, 0));
+    const times = new BigInt64Array(await this.read(resolved, 16 * n));
+    resolved.destroy();
+    p.querySet.destroy();
+    return p.keys.map((key, i) => ({ key, ms: Number(times[2 * i + 1] - times[2 * i]) / 1e6 }));
   }
 
   copyBuffer(src: GPUBuffer, srcOffset: number, dst: GPUBuffer, dstOffset: number, bytes: number): void {

@@ -30,8 +30,8 @@ export function decays(name: string, shape: readonly number[]): boolean {
   return !(shape.length < 2 || /(^|\.)(bn|ln)/.test(name) || name.includes("bias") || name.includes("logit_scale"));
 }
 
-/** The logit scale is clamped to ln(100) after every step, as open_clip does. */
-const CLAMPED: Record<string, number> = { logit_scale: Math.log(100) };
+/** The logit scale is clamped to [0, ln 100] after every step, as open_clip does. */
+const CLAMPED: Record<string, [number, number]> = { logit_scale: [0, Math.log(100)] };
 
 interface Slot {
   name: string;
@@ -96,7 +96,8 @@ export class AdamW {
         eps,
         biasCorrection1: 1 - beta1 ** this.step,
         biasCorrection2: 1 - beta2 ** this.step,
-        clampMax: CLAMPED[s.name] ?? Infinity,
+        clampMin: CLAMPED[s.name]?.[0] ?? -Infinity,
+        clampMax: CLAMPED[s.name]?.[1] ?? Infinity,
       });
       this.gpu.dispatch(
         adamwKernel(),
