@@ -88,7 +88,7 @@ function partitionFrom(index: string | undefined, count: string | undefined) {
 
 export const embedCommand: Command = {
   name: "embed",
-  summary: "Embed images or texts to .npy files with metadata (clip-retrieval layout), resumable and partitionable.",
+  summary: "Embed images or texts to .npy files with metadata (clip-retrieval layout).",
   help: HELP,
   async run(argv) {
     const { values: v, positionals } = parseCommandArgs("embed", argv, FLAGS, true);

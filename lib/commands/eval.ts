@@ -241,7 +241,7 @@ function formatMetric(value: unknown): string {
 
 export const evalCommand: Command = {
   name: "eval",
-  summary: "Evaluate a model: zero-shot accuracy, retrieval recall@K, linear probe (CLIP_benchmark metrics).",
+  summary: "Evaluate a model: zero-shot accuracy, retrieval recall@K, linear probe.",
   help: HELP,
   async run(argv) {
     const { values: v } = parseCommandArgs("eval", argv, FLAGS);
