@@ -75,23 +75,34 @@ Deno.test("texture matmul: batch 3 with a shared transposed weight, bias + gelu 
   });
 });
 
-Deno.test("texture matmul: batched A and B, and a shared A, with N a multiple of 4 (direct stores)", async () => {
+Deno.test("texture matmul: batched A and B with a vec4 epilogue, and a shared A (N a multiple of 4)", async () => {
   const g = await gpu();
   await withTexturePath(async () => {
     const B = 3, m = 50, n = 52, k = 64;
     const a = param(g, [B, m, k], 31, -1, 1, false);
     const b = param(g, [B, n, k], 32, -1, 1, false);
-    const out = matmulForward(a.t, b.t, { transB: true }).out;
+    const bias = param(g, [n], 34, -1, 1, false);
+    const res = param(g, [B, m, n], 35, -1, 1, false);
+    const { out, pre } = matmulForward(
+      a.t,
+      b.t,
+      { transB: true, bias: bias.t, activation: "quick_gelu", residual: res.t },
+      true,
+    );
+    assert.ok(pre);
     const shared = param(g, [k, m], 33, -1, 1, false);
     const out2 = matmulForward(shared.t, b.t, { transA: true, transB: true }).out;
-    const expected = new Float64Array(B * m * n);
+    const z = new Float64Array(B * m * n);
     const expected2 = new Float64Array(B * m * n);
     for (let bi = 0; bi < B; bi++) {
       const bb = b.v.subarray(bi * n * k, (bi + 1) * n * k);
-      expected.set(refMatmul(a.v.subarray(bi * m * k, (bi + 1) * m * k), bb, m, n, k, false, true), bi * m * n);
+      z.set(refMatmul(a.v.subarray(bi * m * k, (bi + 1) * m * k), bb, m, n, k, false, true), bi * m * n);
       expected2.set(refMatmul(shared.v, bb, m, n, k, true, true), bi * m * n);
     }
-    assertClose(await out.read(), expected, { what: "batched" });
+    for (let i = 0; i < z.length; i++) z[i] += bias.v[i % n];
+    const quickGelu = (x: number) => x / (1 + Math.exp(-1.702 * x));
+    assertClose(await pre.read(), z, { what: "pre-activation" });
+    assertClose(await out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), { what: "batched, epilogue" });
     assertClose(await out2.read(), expected2, { what: "shared A" });
   });
 });

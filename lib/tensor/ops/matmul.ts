@@ -22,6 +22,7 @@ import {
   textureMatmulWorkgroups,
   type TextureOperandBinding,
 } from "../../../kernels/matmul_texture.ts";
+import type { AdapterSummary } from "../../gpu/device.ts";
 import type { Gpu } from "../../gpu/runtime.ts";
 import { elementGroups, unaryBackwardKernel, type UnaryOp } from "../../../kernels/elementwise.ts";
 import { isGradEnabled, record } from "../autograd.ts";
@@ -122,20 +123,23 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     ? adapter.isSoftware && g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
     : pathOverride === "texture";
   if (!wanted) return { path: "buffer", geometry: g };
-  const tile = TEXTURE_TILE;
-  const aLayout = packedLayout(g.m, g.k, g.aBatchStride ? g.batch : 1, tile.tm, K_STEP);
-  const bLayout = packedLayout(g.k, g.n, g.bBatchStride ? g.batch : 1, K_STEP, tile.tn);
+  const aLayout = packedLayout(g.m, g.k, g.aBatchStride ? g.batch : 1, TEXTURE_TILE.tm, K_STEP);
+  const bLayout = packedLayout(g.k, g.n, g.bBatchStride ? g.batch : 1, K_STEP, TEXTURE_TILE.tn);
   const maxSide = adapter.limits.maxTextureDimension2D ?? 8192;
   // The layouts wrap rows into segments of TEXTURE_SEGMENT_ROWS; an adapter with smaller textures, or operands
   // too wide even then (the pool rounds widths up to a power of two), use the buffer kernel.
   const fits = (l: PackedLayout) => maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(l.width)) <= maxSide;
   if (!fits(aLayout) || !fits(bLayout)) return { path: "buffer", geometry: g };
-  const spec: TextureMatmulSpec = { tile, lanes: adapter.cpuLanes || 8, binding: textureBinding(adapter.backend) };
   return {
     path: "texture",
     geometry: g,
-    texture: { spec, geometry: { batch: g.batch, m: g.m, n: g.n, a: aLayout, b: bLayout } },
+    texture: { spec: textureSpecFor(adapter), geometry: { batch: g.batch, m: g.m, n: g.n, a: aLayout, b: bLayout } },
   };
+}
+
+/** The one texture-kernel specialisation an adapter runs (benchmarks use it to time its first compile). */
+export function textureSpecFor(adapter: AdapterSummary): TextureMatmulSpec {
+  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, binding: textureBinding(adapter.backend) };
 }
 
 /**
@@ -270,7 +274,7 @@ function dispatchTextureMatmul(
   gpu.dispatch(
     matmulEpilogueKernel(epilogue),
     bindings,
-    matmulEpilogueWorkgroups(g.batch, g.m, g.n),
+    matmulEpilogueWorkgroups(g.batch, g.m),
     matmulEpilogueUniforms(g.batch, g.m, g.n, dest),
   );
   if (scratch) gpu.pool.release(scratch);
