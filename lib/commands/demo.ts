@@ -1,4 +1,5 @@
 import { buildEmojiDataset } from "../data/emoji.ts";
+import { readTar } from "../data/tar.ts";
 import { ClipTokenizer } from "../data/tokenizer.ts";
 import { classificationMetrics, retrievalRecall, similarity } from "../eval/metrics.ts";
 import { embedShards, zeroShotClassifier } from "../eval/embed_data.ts";
@@ -155,8 +156,8 @@ export const demoCommand: Command = {
     say("embedding the held-out images");
     await embedCommand.run(["--model", run, "--images", testShards[0], "--out", `${out}/embeddings`]);
     const example = `${out}/example.png`;
-    await writeExampleImage(testShards[0], example);
-    say(`classifying ${example} zero-shot`);
+    const caption = await writeExampleImage(testShards[0], example);
+    say(`classifying ${example} zero-shot (its caption: "${caption}")`);
     const classes = (await Deno.readTextFile(`${data}/classes.txt`)).split("\n").filter(Boolean);
     await zeroshotCommand.run([
       "--model",
@@ -186,14 +187,16 @@ export const demoCommand: Command = {
   },
 };
 
-/** Copies the first image of a shard to a file, for the zero-shot example. */
-async function writeExampleImage(shard: string, path: string): Promise<void> {
-  const { readTar } = await import("../data/tar.ts");
+/** Copies the first image of a shard to a file, for the zero-shot example, and returns its caption. */
+async function writeExampleImage(shard: string, path: string): Promise<string> {
   const file = await Deno.open(shard);
+  let key: string | null = null;
   for await (const entry of readTar(file.readable)) {
-    if (entry.name.endsWith(".png")) {
+    const [name, ext] = [entry.name.slice(0, entry.name.indexOf(".")), entry.name.slice(entry.name.indexOf(".") + 1)];
+    if (key === null && ext === "png") {
+      key = name;
       await Deno.writeFile(path, entry.data);
-      return;
-    }
+    } else if (name === key && ext === "txt") return new TextDecoder().decode(entry.data).trim();
   }
+  return "";
 }
