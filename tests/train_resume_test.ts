@@ -143,3 +143,32 @@ Deno.test("train: SIGTERM saves a checkpoint at the current step and exits clean
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("train: a corrupt image and a caption-less sample are skipped, counted and summarised; the run finishes", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await makeShards(dir);
+    // Append a bad shard: one undecodable image, one sample without a caption, one good sample.
+    const enc = new TextEncoder();
+    const w = await TarWriter.create(`${dir}/bad.tar`);
+    await w.add("bad1.png", enc.encode("this is not a png"));
+    await w.add("bad1.txt", enc.encode("a broken image"));
+    await w.add(
+      "bad2.png",
+      new Uint8Array(await sharp({ create: { width: 8, height: 8, channels: 3, background: "red" } }).png().toBuffer()),
+    );
+    await w.close();
+    const out = `${dir}/run`;
+    const r = await new Deno.Command(Deno.execPath(), {
+      args: trainArgs(`${data}::${dir}/bad.tar`, out, ["--epochs", "1", "--train-num-samples", "36"]),
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(r.stderr);
+    assert.equal(r.code, 0, text);
+    assert.match(text, /warning: .*bad1/);
+    assert.match(text, /skipped 1 undecodable images, 1 samples without an image or caption/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -11,6 +11,7 @@ import { findLatestCheckpoint } from "../train/checkpoint.ts";
 import { OPEN_CLIP_ADAMW } from "../train/optimizer.ts";
 import { lineChartSvg, type Series } from "../train/plot.ts";
 import { type StepReport, train } from "../train/trainer.ts";
+import type { LoaderCounters } from "../data/loader.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
 import { datasetClasses, datasetSampleCount } from "./dataset_info.ts";
 
@@ -107,6 +108,18 @@ function progressLine(r: StepReport, epochs: number): string {
   }  scale ${r.logitScale.toFixed(2)}  ${r.samplesPerSecond.toFixed(1)} samples/s  data wait ${
     (100 * r.dataWait).toFixed(0)
   }%  eta ${formatDuration(r.etaSeconds)}`;
+}
+
+function dataSummary(c: LoaderCounters): string {
+  const skipped = [
+    [c.skippedImages, "undecodable images"],
+    [c.skippedMissingKeys, "samples without an image or caption"],
+    [c.skippedCorrupt, "shards cut short by a corrupt or truncated tar"],
+    [c.failedShards, "shards that could not be read"],
+  ].filter(([n]) => (n as number) > 0).map(([n, what]) => `${n} ${what}`);
+  return `data: ${c.samples} samples read${
+    skipped.length ? `; skipped ${skipped.join(", ")} (see the warnings above)` : ", none skipped"
+  }`;
 }
 
 export const trainCommand: Command = {
@@ -306,6 +319,7 @@ export const trainCommand: Command = {
           `weights: ${out}/open_clip_model.safetensors`,
           `checkpoint: ${result.lastCheckpoint}`,
           `log: ${logPath}, plot: ${out}/loss.svg`,
+          dataSummary(result.data),
         ].filter(Boolean).join("\n  "),
       );
       return 0;

@@ -4,7 +4,7 @@
  * Reports through callbacks; it never prints.
  */
 import { ClipError } from "../errors.ts";
-import { type Batch, Loader, type LoaderPosition } from "../data/loader.ts";
+import { type Batch, Loader, type LoaderCounters, type LoaderPosition } from "../data/loader.ts";
 import type { ClipTokenizer } from "../data/tokenizer.ts";
 import type { Gpu } from "../gpu/runtime.ts";
 import type { ClipModel } from "../nn/clip.ts";
@@ -59,6 +59,8 @@ export interface TrainCallbacks {
 
 export interface TrainResult {
   step: number;
+  /** What the loaders read and skipped over this run. */
+  data: LoaderCounters;
   stoppedEarly: boolean;
   lastCheckpoint: string | null;
   resumedFrom: string | null;
@@ -129,6 +131,16 @@ export async function train(
   let stepsThisRun = 0;
   let stoppedEarly = false;
   let savedAt = step;
+  const data: LoaderCounters = {
+    samples: 0,
+    skippedMissingKeys: 0,
+    skippedCorrupt: 0,
+    failedShards: 0,
+    skippedImages: 0,
+  };
+  const addCounters = (c: LoaderCounters) => {
+    for (const k of Object.keys(data) as (keyof LoaderCounters)[]) data[k] += c[k];
+  };
   outer: while (epoch < opts.epochs && step < totalSteps) {
     const loader = new Loader({
       shards: opts.shards,
@@ -204,14 +216,17 @@ export async function train(
       }
       if (opts.shouldStop?.() || (opts.maxSteps !== undefined && stepsThisRun >= opts.maxSteps)) {
         stoppedEarly = true;
+        await iterator.return?.(undefined);
+        addCounters(loader.counters);
         break outer;
       }
     }
     await iterator.return?.(undefined);
+    addCounters(loader.counters);
     epoch++;
     position = undefined;
     await callbacks.onEpochEnd?.(epoch, step);
   }
   if (savedAt !== step || !lastCheckpoint) await save();
-  return { step, stoppedEarly, lastCheckpoint, resumedFrom: resume };
+  return { step, data, stoppedEarly, lastCheckpoint, resumedFrom: resume };
 }
