@@ -7,7 +7,8 @@
 import type { Gpu } from "../lib/gpu/runtime.ts";
 import { fillKernel } from "../kernels/elementwise.ts";
 import {
-  packedLayout,
+  K_STEP,
+  operandLayout,
   textureMatmulKernel,
   textureMatmulUniforms,
   textureMatmulWorkgroups,
@@ -170,8 +171,8 @@ export async function benchCompile(gpu: Gpu): Promise<BenchRow> {
     return row("pipeline_compile_matmul", "ms", NaN, "texture kernel not used on this adapter");
   }
   const spec = textureSpecFor(gpu.adapter);
-  const layout = packedLayout(32, 32, 1, 32, 8);
-  const geometry = { batch: 1, m: 32, n: 32, a: layout, b: packedLayout(32, 32, 1, 8, 32) };
+  const a = operandLayout(32, 32, 1, "tile", spec.tile.tm, K_STEP);
+  const geometry = { batch: 1, m: 32, n: 32, k: 32, a, b: operandLayout(32, 32, 1, "k", K_STEP, spec.tile.tn) };
   const texture = () =>
     gpu.device.createTexture({ size: [16, 32], format: "rgba32float", usage: GPUTextureUsage.STORAGE_BINDING });
   const [ta, tb] = [texture(), texture()];

@@ -1,21 +1,26 @@
 // Register-tiled matmul with texture operands, for CPU back ends (Mesa llvmpipe/lavapipe). There, texel fetches take
-// the vectorised sampler path while storage-buffer loads at computed addresses do not, so each operand is first
-// packed into an rgba32float texture (a texel = 4 consecutive floats of a row of op(X), zero-padded to whole tiles),
-// and each invocation then computes a TM x TN block of C held in named vec4 accumulators, with k innermost: per loop
-// pass it loads the texels of 8 k and gives every accumulator one chain of 8 fmas, so an accumulator that spilled is
-// loaded and stored once per 8 fmas. Shapes travel as uniforms and the epilogue is a separate light pass, so there is
-// one specialisation per tile, lane count and binding kind: a 32x32 kernel takes seconds to compile.
+// the vectorised sampler path while storage-buffer loads at computed addresses do not, so each operand is first put
+// into an rgba32float texture (a texel = 4 consecutive floats of a stored row), and each invocation then computes a
+// TM x TN block of C held in named vec4 accumulators, with k innermost: per loop pass it loads the texels of 8 k and
+// gives every accumulator one chain of 8 fmas, so an accumulator that spilled is loaded and stored once per 8 fmas.
+// Shapes travel as uniforms and the epilogue is a separate light pass, so there is one specialisation per tile, lane
+// count, binding kind and operand orientation: a 32x32 kernel takes seconds to compile.
 //
-// Packed layout: operand X (op(X) is rows x cols per batch entry) becomes a tall logical matrix of batch * H rows and
-// W texels, H = rows rounded up to the row alignment, W = cols / 4 rounded up. Rows past TEXTURE_SEGMENT_ROWS wrap
-// into further segments to the right (row r lives at x = (r / SEG) * W + texel, y = r % SEG). SEG is a multiple of
-// every alignment, so a tile or an 8-row k pass never straddles two segments.
+// Operands keep their stored orientation: a transposed operand is read transposed by the kernel (llvmpipe keeps
+// vec4 components in separate SIMD registers, so regrouping components costs nothing), so most operands reach their
+// texture by a plain buffer-to-texture copy, which runs at memory speed, and the pack kernel (about 20 ns a texel)
+// only handles rows that are not 256-byte aligned or need zero padding.
+//
+// Texture layout: operand X (stored rows x cols per batch entry) becomes a tall logical matrix of batch * H rows and
+// W texels (H = rows, padded when packed; W = cols / 4, padded when packed). Rows wrap into segments of
+// TEXTURE_SEGMENT_ROWS placed side by side; segment s holds logical rows from s * step, where step is the segment
+// height for aligned layouts and the height minus one tile for copied layouts whose tiles may start anywhere, so
+// consecutive segments overlap and every tile lies wholly inside one.
 import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
 import { UNARY_HELPERS_WGSL, unaryExpression, type UnaryOp } from "./elementwise.ts";
 
-/** Rows per texture segment: maxTextureDimension2D guaranteed by WebGPU's defaults is 8192, lavapipe offers 16384. */
-export const TEXTURE_SEGMENT_SHIFT = 14;
-export const TEXTURE_SEGMENT_ROWS = 1 << TEXTURE_SEGMENT_SHIFT;
+/** Rows per texture segment: lavapipe's maxTextureDimension2D (WebGPU's default limit is only 8192). */
+export const TEXTURE_SEGMENT_ROWS = 16384;
 /** k values consumed per loop pass (the fma chain length): K is zero-padded to a multiple of it. */
 export const K_STEP = 8;
 
@@ -23,7 +28,7 @@ export const K_STEP = 8;
 export type TextureOperandBinding = "storage" | "sampled";
 
 export interface MatmulTile {
-  /** Rows of C per invocation. */
+  /** Rows of C per invocation (a multiple of 4). */
   tm: number;
   /** Columns of C per invocation (a multiple of 4). */
   tn: number;
@@ -34,117 +39,84 @@ export interface TextureMatmulSpec {
   /** Workgroup size along x: llvmpipe packs its SIMD lanes along x only. */
   lanes: number;
   binding: TextureOperandBinding;
+  /** A is stored [K, M] / B is stored [N, K]; the textures hold the stored rows. */
+  transA: boolean;
+  transB: boolean;
 }
 
+/**
+ * How one operand's stored rows run through a loop pass: "tile" rows are one block of C's rows (A) or columns (B^T)
+ * and are read TM/TN at a time; "k" rows are read K_STEP at a time, and their padding must be zero.
+ */
+export type RowRole = "tile" | "k";
+
 /** Where one operand sits in its texture. */
-export interface PackedLayout {
-  /** Real rows and columns of op(X) per batch entry. */
+export interface OperandLayout {
+  /** Stored rows and columns per batch entry. */
   rows: number;
   cols: number;
   /** Batch entries stored (1 for an operand shared by the whole batch). */
   batches: number;
-  /** Rows per batch entry, padded. */
+  /** Rows per batch entry and texels per row in the texture (padded when packed). */
   rowsPerBatch: number;
-  /** Texels per row, padded. */
   texelsPerRow: number;
+  /** Logical rows between the starts of consecutive texture segments. */
+  segmentStep: number;
+  /** Filled by buffer-to-texture copies (true) or by the pack kernel. */
+  copied: boolean;
   /** Texture extent the layout needs. */
   width: number;
   height: number;
 }
 
-/** Lays out `batches` matrices of rows x cols, padding rows to `rowAlign` and columns to `colAlign` floats. */
-export function packedLayout(
+/**
+ * Chooses how `batches` stored matrices of rows x cols go into a texture. A copy needs 256-byte rows
+ * (copyBufferToTexture) and, for k rows, no padding; rows past a tile's end may then hold the next batch entry or
+ * stale values: they only reach outputs that are never stored. Otherwise the pack kernel pads rows to `rowAlign`
+ * and columns to `colAlign` floats with zeros.
+ */
+export function operandLayout(
   rows: number,
   cols: number,
   batches: number,
+  role: RowRole,
   rowAlign: number,
   colAlign: number,
-): PackedLayout {
+): OperandLayout {
   if (TEXTURE_SEGMENT_ROWS % rowAlign !== 0 || colAlign % 4 !== 0) {
-    throw new Error(`packedLayout: row alignment ${rowAlign} must divide ${TEXTURE_SEGMENT_ROWS}, ${colAlign} be 4k`);
+    throw new Error(`operandLayout: row alignment ${rowAlign} must divide ${TEXTURE_SEGMENT_ROWS}, ${colAlign} be 4k`);
   }
-  const rowsPerBatch = Math.ceil(rows / rowAlign) * rowAlign;
-  const texelsPerRow = Math.ceil(cols / colAlign) * colAlign / 4;
+  const copied = (cols * 4) % 256 === 0 && (role === "tile" || rows % rowAlign === 0);
+  const rowsPerBatch = copied ? rows : Math.ceil(rows / rowAlign) * rowAlign;
+  const texelsPerRow = copied ? cols / 4 : Math.ceil(cols / colAlign) * colAlign / 4;
+  const aligned = rowsPerBatch % rowAlign === 0;
+  const segmentStep = aligned ? TEXTURE_SEGMENT_ROWS : TEXTURE_SEGMENT_ROWS - rowAlign;
   const totalRows = rowsPerBatch * batches;
-  const segments = Math.ceil(totalRows / TEXTURE_SEGMENT_ROWS);
+  const segments = totalRows <= TEXTURE_SEGMENT_ROWS
+    ? 1
+    : Math.ceil((totalRows - TEXTURE_SEGMENT_ROWS) / segmentStep) + 1;
   return {
     rows,
     cols,
     batches,
     rowsPerBatch,
     texelsPerRow,
+    segmentStep,
+    copied,
     width: segments * texelsPerRow,
     height: Math.min(totalRows, TEXTURE_SEGMENT_ROWS),
   };
 }
 
-// WGSL that maps a logical row and texel of a packed operand to texture coordinates.
-const SEGMENT_WGSL = `
-fn segment_coord(row: u32, texel: u32, texels_per_row: u32) -> vec2<u32> {
-  return vec2<u32>((row >> ${TEXTURE_SEGMENT_SHIFT}u) * texels_per_row + texel, row & ${TEXTURE_SEGMENT_ROWS - 1}u);
-}`;
-
-// Pack and epilogue kernels give each invocation a whole row (or 4 rows) and loop along it. Lanes are rows, so the
-// only per-lane integer divisions (which have no SIMD instruction on x86 and so cost 16 scalar divisions each) happen
-// once per row instead of once per element: that made these passes 3-10x faster.
-const ROW_WG = 64;
-
-/**
- * How a pack dispatch reads its source. `transposed`: X is stored cols x rows (op(X) = X^T). The vec4 modes read
- * whole vec4s; they need the source's contiguous axis to be a multiple of 4.
- */
-export interface PackMode {
-  transposed: boolean;
-  vec4: boolean;
-}
-
-export function packMode(layout: PackedLayout, transposed: boolean): PackMode {
-  return { transposed, vec4: (transposed ? layout.rows : layout.cols) % 4 === 0 };
-}
-
-// Invocations of a pack dispatch: one per padded row, or per 4 padded rows in the transposed vec4 mode.
-function packInvocations(layout: PackedLayout, mode: PackMode): number {
-  const rowsPerInvocation = mode.transposed && mode.vec4 ? 4 : 1;
-  return layout.batches * layout.rowsPerBatch / rowsPerInvocation;
-}
-
-/** Uniforms of the pack kernel: the layout, the source's batch stride in floats (0: one shared matrix). */
-export function packUniforms(layout: PackedLayout, mode: PackMode, batchStride: number): Uint32Array {
-  return Uint32Array.from([
-    layout.rows,
-    layout.cols,
-    layout.rowsPerBatch,
-    layout.texelsPerRow,
-    batchStride,
-    packInvocations(layout, mode),
-    0,
-    0,
-  ]);
-}
-
-export function packWorkgroups(layout: PackedLayout, mode: PackMode): number {
-  return Math.ceil(packInvocations(layout, mode) / ROW_WG);
-}
-
-/**
- * The buffer-to-texture copies that replace the pack kernel when X is already laid out as its texture (not
- * transposed, rows 256-byte aligned as copyBufferToTexture needs, no zero padding that matters): a copy runs at
- * memory speed, while the pack kernel's per-lane texel stores cost about a sixth of a 1024^3 product. Padding rows of
- * A's last tile may then hold stale values: they only reach output rows that are never stored. Returns null when
- * the kernel is needed.
- */
-export function packCopies(
-  layout: PackedLayout,
-  transposed: boolean,
-  staleRowsAllowed: boolean,
-): { bufferOffset: number; bytesPerRow: number; x: number; width: number; height: number }[] | null {
+/** The copyBufferToTexture regions that fill a copied layout, one per segment. */
+export function operandCopies(
+  layout: OperandLayout,
+): { bufferOffset: number; bytesPerRow: number; x: number; width: number; height: number }[] {
+  if (!layout.copied) throw new Error("operandCopies: this layout is filled by the pack kernel");
   const bytesPerRow = layout.cols * 4;
-  if (transposed || bytesPerRow % 256 !== 0 || layout.texelsPerRow * 4 !== layout.cols) return null;
-  const padded = layout.rowsPerBatch !== layout.rows;
-  if (padded && (layout.batches > 1 || !staleRowsAllowed)) return null;
   const rows = layout.batches * layout.rows;
   const copies = [];
-  for (let first = 0, segment = 0; first < rows; first += TEXTURE_SEGMENT_ROWS, segment++) {
+  for (let first = 0, segment = 0; first < rows; first += layout.segmentStep, segment++) {
     copies.push({
       bufferOffset: first * bytesPerRow,
       bytesPerRow,
@@ -152,58 +124,63 @@ export function packCopies(
       width: layout.texelsPerRow,
       height: Math.min(TEXTURE_SEGMENT_ROWS, rows - first),
     });
+    if (first + TEXTURE_SEGMENT_ROWS >= rows) break;
   }
   return copies;
 }
 
-/** Copies op(X) from a storage buffer into a packed texture, zero-filling the padding. */
-export function packKernel(mode: PackMode): Kernel {
-  const component = ["x", "y", "z", "w"];
-  let body: string;
-  if (mode.transposed && mode.vec4) {
-    // Rows y0..y0+3 of op(X) are 4 consecutive floats of each source row: load a 4x4 block as four vec4s (source
-    // rows 4x..4x+3) and transpose it in registers into four texels.
-    const load = (j: number) =>
-      `var s${j} = vec4<f32>(0.0); if (in_rows && x * 4u + ${j}u < p.cols) { ` +
-      `s${j} = src[(base + (x * 4u + ${j}u) * p.rows + y0) / 4u]; }`;
-    const store = (i: number) =>
-      `textureStore(dst, segment_coord(row + ${i}u, x, p.texels), ` +
-      `vec4<f32>(s0.${component[i]}, s1.${component[i]}, s2.${component[i]}, s3.${component[i]}));`;
-    body = `let b = i / (p.rows_per_batch / 4u);
-  let y0 = (i - b * (p.rows_per_batch / 4u)) * 4u;
-  let row = b * p.rows_per_batch + y0;
-  let base = b * p.batch_stride;
-  let in_rows = y0 < p.rows;
-  for (var x = 0u; x < p.texels; x++) {
-    ${[0, 1, 2, 3].map(load).join("\n    ")}
-    ${[0, 1, 2, 3].map(store).join("\n    ")}
-  }`;
-  } else {
-    let texel: string;
-    if (!mode.transposed && mode.vec4) {
-      texel = `if (x < p.cols / 4u) { v = src[(base + y * p.cols) / 4u + x]; }`;
-    } else {
-      const at = (j: number) =>
-        mode.transposed ? `src[base + (x * 4u + ${j}u) * p.rows + y]` : `src[base + y * p.cols + x * 4u + ${j}u]`;
-      texel = `v = vec4<f32>(${[0, 1, 2, 3].map((j) => `select(0.0, ${at(j)}, x * 4u + ${j}u < p.cols)`).join(", ")});`;
-    }
-    body = `let b = i / p.rows_per_batch;
-  let y = i - b * p.rows_per_batch;
-  let row = b * p.rows_per_batch + y;
-  let base = b * p.batch_stride;
-  for (var x = 0u; x < p.texels; x++) {
-    var v = vec4<f32>(0.0);
-    if (y < p.rows) { ${texel} }
-    textureStore(dst, segment_coord(row, x, p.texels), v);
-  }`;
-  }
+// WGSL that maps a logical row and texel of an operand to texture coordinates.
+const SEGMENT_WGSL = `
+fn segment_coord(row: u32, texel: u32, texels_per_row: u32, step: u32) -> vec2<u32> {
+  let segment = row / step;
+  return vec2<u32>(segment * texels_per_row + texel, row - segment * step);
+}`;
+
+// Pack and epilogue kernels give each invocation a whole row and loop along it. Lanes are rows, so the only
+// per-lane integer divisions (which have no SIMD instruction on x86 and so cost 16 scalar divisions each) happen
+// once per row instead of once per element.
+const ROW_WG = 64;
+
+/** Whether the pack kernel can read whole vec4s (the stored rows are a multiple of 4 floats long). */
+export function packVec4(layout: OperandLayout): boolean {
+  return layout.cols % 4 === 0;
+}
+
+/** Uniforms of the pack kernel: the layout and the source's batch stride in floats (0: one shared matrix). */
+export function packUniforms(layout: OperandLayout, batchStride: number): Uint32Array {
+  return Uint32Array.from([
+    layout.rows,
+    layout.cols,
+    layout.rowsPerBatch,
+    layout.texelsPerRow,
+    batchStride,
+    layout.batches * layout.rowsPerBatch,
+    layout.segmentStep,
+    0,
+  ]);
+}
+
+export function packWorkgroups(layout: OperandLayout): number {
+  return Math.ceil(layout.batches * layout.rowsPerBatch / ROW_WG);
+}
+
+/** Copies stored matrices from a storage buffer into an operand texture, zero-filling the padding. */
+export function packKernel(vec4: boolean): Kernel {
+  const texel = vec4
+    ? `if (x < p.cols / 4u) { v = src[(base + y * p.cols) / 4u + x]; }`
+    : `v = vec4<f32>(${
+      [0, 1, 2, 3].map((j) => `select(0.0, src[base + y * p.cols + x * 4u + ${j}u], x * 4u + ${j}u < p.cols)`)
+        .join(", ")
+    });`;
   return {
-    key: `matmul_pack/${mode.transposed}/${mode.vec4}`,
+    key: `matmul_pack/${vec4}`,
     wgsl: () =>
       `${LINEAR_WORKGROUP_WGSL}
 ${SEGMENT_WGSL}
-struct Pack { rows: u32, cols: u32, rows_per_batch: u32, texels: u32, batch_stride: u32, total: u32, p0: u32, p1: u32 }
-@group(0) @binding(0) var<storage, read> src: array<${mode.vec4 ? "vec4<f32>" : "f32"}>;
+struct Pack {
+  rows: u32, cols: u32, rows_per_batch: u32, texels: u32, batch_stride: u32, total: u32, step: u32, p0: u32,
+}
+@group(0) @binding(0) var<storage, read> src: array<${vec4 ? "vec4<f32>" : "f32"}>;
 @group(0) @binding(1) var dst: texture_storage_2d<rgba32float, write>;
 @group(0) @binding(2) var<uniform> p: Pack;
 
@@ -212,7 +189,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = linear_workgroup(wid, nwg) * ${ROW_WG}u + lid.x;
   if (i >= p.total) { return; }
-  ${body}
+  let b = i / p.rows_per_batch;
+  let y = i - b * p.rows_per_batch;
+  let base = b * p.batch_stride;
+  let origin = segment_coord(i, 0u, p.texels, p.step);
+  for (var x = 0u; x < p.texels; x++) {
+    var v = vec4<f32>(0.0);
+    if (y < p.rows) { ${texel} }
+    textureStore(dst, vec2<u32>(origin.x + x, origin.y), v);
+  }
 }`,
   };
 }
@@ -222,8 +207,9 @@ export interface TextureMatmulGeometry {
   batch: number;
   m: number;
   n: number;
-  a: PackedLayout;
-  b: PackedLayout;
+  k: number;
+  a: OperandLayout;
+  b: OperandLayout;
 }
 
 /**
@@ -247,13 +233,14 @@ export function matmulDestination(
     if (g.n % 4 !== 0) throw new Error(`matmulDestination: N=${g.n} is not a multiple of 4`);
     return { rows: g.m, cols: g.n, rowStride: g.n };
   }
-  const cols = invocationCounts(spec, g).colBlocks * spec.tile.tn;
-  return { rows: g.a.rowsPerBatch, cols, rowStride: cols };
+  const { rowBlocks, colBlocks } = invocationCounts(spec, g);
+  const cols = colBlocks * spec.tile.tn;
+  return { rows: rowBlocks * spec.tile.tm, cols, rowStride: cols };
 }
 
 function invocationCounts(spec: TextureMatmulSpec, g: TextureMatmulGeometry) {
-  const rowBlocks = g.a.rowsPerBatch / spec.tile.tm;
-  const colBlocks = g.b.texelsPerRow * 4 / spec.tile.tn;
+  const rowBlocks = Math.ceil(g.m / spec.tile.tm);
+  const colBlocks = Math.ceil(g.n / spec.tile.tn);
   return { rowBlocks, colBlocks, total: g.batch * rowBlocks * colBlocks };
 }
 
@@ -267,15 +254,19 @@ export function textureMatmulUniforms(
     total,
     rowBlocks,
     colBlocks,
-    g.a.texelsPerRow * 4, // K padded to whole k passes
+    Math.ceil(g.k / K_STEP) * K_STEP,
     g.a.batches > 1 ? g.a.rowsPerBatch : 0,
     g.a.texelsPerRow,
+    g.a.segmentStep,
     g.b.batches > 1 ? g.b.rowsPerBatch : 0,
     g.b.texelsPerRow,
+    g.b.segmentStep,
     dest.rows,
     dest.cols / 4,
     dest.rowStride / 4,
     dest.rows * dest.rowStride / 4,
+    0,
+    0,
   ]);
 }
 
@@ -284,50 +275,87 @@ export function textureMatmulWorkgroups(spec: TextureMatmulSpec, g: TextureMatmu
 }
 
 /**
- * The raw product op(A[b]) op(B[b]) from packed operand textures, stored as vec4 rows into the destination.
+ * The raw product op(A[b]) op(B[b]) from operand textures, stored as vec4 rows into the destination.
  * Invocations enumerate (batch, row block, column block) with the column block fastest, so the lanes of a
  * workgroup share A's rows and read neighbouring columns of B, and narrow or small batched products still fill
  * every lane. Bias, activation and residual are applied by `matmulEpilogueKernel`, which keeps this kernel to one
- * specialisation per tile: its many stores make it compile for seconds. Bindings: A texture, B texture, output,
- * uniforms.
+ * specialisation per tile and orientation: its many stores make it compile for seconds. Bindings: A texture,
+ * B texture, output, uniforms.
  */
 export function textureMatmulKernel(spec: TextureMatmulSpec): Kernel {
   const { tm, tn } = spec.tile;
-  if (tn % 4 !== 0 || TEXTURE_SEGMENT_ROWS % tm !== 0) throw new Error(`unsupported matmul tile ${tm}x${tn}`);
-  return { key: `matmul_tex/${tm}x${tn}/${spec.lanes}/${spec.binding}`, wgsl: () => textureMatmulWgsl(spec) };
+  if (tn % 4 !== 0 || tm % 4 !== 0) throw new Error(`unsupported matmul tile ${tm}x${tn}`);
+  return {
+    key: `matmul_tex/${tm}x${tn}/${spec.lanes}/${spec.binding}/${spec.transA}/${spec.transB}`,
+    wgsl: () => textureMatmulWgsl(spec),
+  };
 }
 
 function textureMatmulWgsl(spec: TextureMatmulSpec): string {
   const { tm, tn } = spec.tile;
   const tn4 = tn / 4;
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  const c4 = ["x", "y", "z", "w"];
   const textureType = spec.binding === "storage" ? "texture_storage_2d<rgba32float, read>" : "texture_2d<f32>";
-  const load = (tex: string, coord: string) =>
-    spec.binding === "storage" ? `textureLoad(${tex}, ${coord})` : `textureLoad(${tex}, ${coord}, 0)`;
+  const load = (tex: string, x: string, y: string) =>
+    spec.binding === "storage"
+      ? `textureLoad(${tex}, vec2<u32>(${x}, ${y}))`
+      : `textureLoad(${tex}, vec2<u32>(${x}, ${y}), 0)`;
 
-  const declarations = range(tm).map((r) => range(tn4).map((j) => `var c${r}_${j} = vec4<f32>(0.0);`).join(" "));
-  const body: string[] = [];
-  for (const r of range(tm)) {
-    body.push(
-      `let a${r}_0 = ${load("ta", `vec2<u32>(ax, ay + ${r}u)`)}; ` +
-        `let a${r}_1 = ${load("ta", `vec2<u32>(ax + 1u, ay + ${r}u)`)};`,
-    );
+  // Per pass: `aAt(r, i)` is A's scalar for row r and k i, `bAt(i, j)` B's vec4 for k i and columns 4j..4j+3.
+  const loads: string[] = [];
+  let aAt: (r: number, i: number) => string;
+  if (!spec.transA) {
+    // Rows of the tile, 2 texels (8 k) each.
+    for (const r of range(tm)) {
+      loads.push(
+        `let a${r}_0 = ${load("ta", "a0.x", `a0.y + ${r}u`)}; let a${r}_1 = ${
+          load("ta", "a0.x + 1u", `a0.y + ${r}u`)
+        };`,
+      );
+    }
+    aAt = (r, i) => `a${r}_${i >> 2}.${c4[i & 3]}`;
+  } else {
+    // 8 k rows of A^T, tm / 4 texels (the tile's rows) each.
+    for (const i of range(K_STEP)) {
+      loads.push(range(tm / 4).map((g) => `let a${i}_${g} = ${load("ta", `a0.x + ${g}u`, `a0.y + ${i}u`)};`).join(" "));
+    }
+    aAt = (r, i) => `a${i}_${r >> 2}.${c4[r & 3]}`;
   }
-  for (const i of range(K_STEP)) {
-    body.push(
-      range(tn4).map((j) => `let b${i}_${j} = ${load("tb", `vec2<u32>(bc.x + ${j}u, bc.y + ${i}u)`)};`).join(" "),
-    );
+  let bAt: (i: number, j: number) => string;
+  if (!spec.transB) {
+    // 8 k rows of B, tn / 4 texels (the tile's columns) each.
+    for (const i of range(K_STEP)) {
+      loads.push(range(tn4).map((j) => `let b${i}_${j} = ${load("tb", `b0.x + ${j}u`, `b0.y + ${i}u`)};`).join(" "));
+    }
+    bAt = (i, j) => `b${i}_${j}`;
+  } else {
+    // Rows of B^T (the tile's columns), 2 texels (8 k) each, regrouped into vec4s along the columns.
+    for (const n of range(tn)) {
+      loads.push(
+        `let bt${n}_0 = ${load("tb", "b0.x", `b0.y + ${n}u`)}; let bt${n}_1 = ${
+          load("tb", "b0.x + 1u", `b0.y + ${n}u`)
+        };`,
+      );
+    }
+    for (const i of range(K_STEP)) {
+      loads.push(
+        range(tn4).map((j) =>
+          `let b${i}_${j} = vec4<f32>(${range(4).map((e) => `bt${4 * j + e}_${i >> 2}.${c4[i & 3]}`).join(", ")});`
+        ).join(" "),
+      );
+    }
+    bAt = (i, j) => `b${i}_${j}`;
   }
-  const component = ["x", "y", "z", "w"];
+  const fmas: string[] = [];
   for (const r of range(tm)) {
     for (const j of range(tn4)) {
       let chain = `c${r}_${j}`;
-      for (const i of range(K_STEP)) {
-        chain = `fma(vec4<f32>(a${r}_${i >> 2}.${component[i & 3]}), b${i}_${j}, ${chain})`;
-      }
-      body.push(`c${r}_${j} = ${chain};`);
+      for (const i of range(K_STEP)) chain = `fma(vec4<f32>(${aAt(r, i)}), ${bAt(i, j)}, ${chain})`;
+      fmas.push(`c${r}_${j} = ${chain};`);
     }
   }
+  const declarations = range(tm).map((r) => range(tn4).map((j) => `var c${r}_${j} = vec4<f32>(0.0);`).join(" "));
   // One vec4 store per accumulator: scalar stores or a store loop (which keeps every accumulator live across its
   // branches) multiply the compile time several times over.
   const stores = range(tm).map((r) =>
@@ -336,13 +364,21 @@ function textureMatmulWgsl(spec: TextureMatmulSpec): string {
       .join(" ") +
     ` }`
   );
+  // Texture origin of this pass: tile rows are fixed per invocation, k rows advance with the pass.
+  const aOrigin = spec.transA
+    ? `segment_coord(a_row0 + kk, rb * ${tm / 4}u, d.a_texels, d.a_step)`
+    : `vec2<u32>(a_tile.x + (kk >> 2u), a_tile.y)`;
+  const bOrigin = spec.transB
+    ? `vec2<u32>(b_tile.x + (kk >> 2u), b_tile.y)`
+    : `segment_coord(b_row0 + kk, cb * ${tn4}u, d.b_texels, d.b_step)`;
 
   return `${LINEAR_WORKGROUP_WGSL}
 ${SEGMENT_WGSL}
 struct Dims {
   total: u32, row_blocks: u32, col_blocks: u32, k_padded: u32,
-  a_rows_per_batch: u32, a_texels: u32, b_rows_per_batch: u32, b_texels: u32,
-  out_rows: u32, out_cols4: u32, out_stride4: u32, out_batch_stride4: u32,
+  a_rows_per_batch: u32, a_texels: u32, a_step: u32, b_rows_per_batch: u32,
+  b_texels: u32, b_step: u32, out_rows: u32, out_cols4: u32,
+  out_stride4: u32, out_batch_stride4: u32, p0: u32, p1: u32,
 }
 @group(0) @binding(0) var ta: ${textureType};
 @group(0) @binding(1) var tb: ${textureType};
@@ -359,15 +395,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let rest = inv / d.col_blocks;
   let rb = rest % d.row_blocks;
   let batch = rest / d.row_blocks;
-  let a_origin = segment_coord(batch * d.a_rows_per_batch + rb * ${tm}u, 0u, d.a_texels);
-  let ay = a_origin.y;
+  let a_row0 = batch * d.a_rows_per_batch;
   let b_row0 = batch * d.b_rows_per_batch;
-  let b_texel0 = cb * ${tn4}u;
+  let a_tile = segment_coord(a_row0 + rb * ${tm}u, 0u, d.a_texels, d.a_step);
+  let b_tile = segment_coord(b_row0 + cb * ${tn}u, 0u, d.b_texels, d.b_step);
   ${declarations.join("\n  ")}
   for (var kk = 0u; kk < d.k_padded; kk += ${K_STEP}u) {
-    let ax = a_origin.x + (kk >> 2u);
-    let bc = segment_coord(b_row0 + kk, b_texel0, d.b_texels);
-    ${body.join("\n    ")}
+    let a0 = ${aOrigin};
+    let b0 = ${bOrigin};
+    ${loads.join("\n    ")}
+    ${fmas.join("\n    ")}
   }
   if (flat >= d.total) { return; }
   let row0 = rb * ${tm}u;

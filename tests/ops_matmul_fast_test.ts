@@ -6,7 +6,7 @@ import { backward } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
 import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
 import { matmul, matmulForward, planMatmul, setMatmulPath } from "../lib/tensor/ops/matmul.ts";
-import { packCopies, packedLayout, TEXTURE_SEGMENT_ROWS } from "../kernels/matmul_texture.ts";
+import { operandCopies, operandLayout, TEXTURE_SEGMENT_ROWS } from "../kernels/matmul_texture.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 
 async function withTexturePath(fn: () => Promise<void>): Promise<void> {
@@ -126,12 +126,12 @@ Deno.test("texture matmul: gradients through the fast path match float64", async
   });
 });
 
-/** Float64 dot products at `count` random positions of C = op(A) op(B). */
+/** Float64 dot products at `count` random positions of C = A op(B) (A [batch?, m, k]; B [batch, k, n] or [batch, n, k]). */
 function sampledCheck(
   actual: Float32Array,
   a: Float64Array,
   b: Float64Array,
-  dims: { batch: number; m: number; n: number; k: number; aShared?: boolean },
+  dims: { batch: number; m: number; n: number; k: number; transB?: boolean },
   count: number,
   seed: number,
 ): void {
@@ -144,9 +144,10 @@ function sampledCheck(
     const bi = Math.floor(idx / (m * n));
     const i = Math.floor(idx / n) % m;
     const j = idx % n;
-    const aBase = dims.aShared ? 0 : bi * m * k;
     let s = 0;
-    for (let q = 0; q < k; q++) s += a[aBase + i * k + q] * b[bi * k * n + q * n + j];
+    for (let q = 0; q < k; q++) {
+      s += a[bi * m * k + i * k + q] * b[bi * k * n + (dims.transB ? j * k + q : q * n + j)];
+    }
     got.push(actual[idx]);
     want.push(s);
   }
@@ -167,15 +168,15 @@ Deno.test("texture matmul: 300x260x129 sampled at 200 positions", async () => {
 Deno.test("texture matmul: operands taller than one texture wrap into segments (copy and pack routes)", async () => {
   const g = await gpu();
   await withTexturePath(async () => {
-    // A: 20000 x 64 rows go by buffer-to-texture copies in two segments; B by the pack kernel.
+    // A: 20000 rows of 64 floats go by buffer-to-texture copies into two segments; B (36 columns) by the pack kernel.
     const m = 20000, n = 36, k = 64;
     const a = param(g, [m, k], 61, -1, 1, false);
     const b = param(g, [k, n], 62, -1, 1, false);
     const plan = planMatmul(a.t, b.t);
-    assert.ok(plan.texture && plan.texture.geometry.a.height === TEXTURE_SEGMENT_ROWS);
-    assert.ok(packCopies(plan.texture.geometry.a, false, true)?.length === 2);
+    assert.ok(plan.texture?.geometry.a.copied && !plan.texture.geometry.b.copied);
+    assert.equal(operandCopies(plan.texture.geometry.a).length, 2);
     sampledCheck(await matmulForward(a.t, b.t).out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 63);
-    // A batch of 600 products packs 600 x 64 rows of each operand: both wrap, at batch boundaries.
+    // 600 products of 40x16 @ 16x40 pack 600 x 64 padded rows of A and 600 x 16 k rows of B: both wrap.
     const batch = 600, bm = 40, bn = 40, bk = 16;
     const ba = param(g, [batch, bm, bk], 64, -1, 1, false);
     const bb = param(g, [batch, bk, bn], 65, -1, 1, false);
@@ -185,18 +186,43 @@ Deno.test("texture matmul: operands taller than one texture wrap into segments (
   });
 });
 
-Deno.test("packed layouts: padding, segments and when a plain copy can fill the texture", () => {
-  const l = packedLayout(70, 37, 3, 32, 8);
-  assert.deepEqual([l.rowsPerBatch, l.texelsPerRow, l.width, l.height], [96, 10, 10, 288]);
-  const tall = packedLayout(20000, 128, 1, 32, 8);
-  assert.deepEqual([tall.width, tall.height], [64, TEXTURE_SEGMENT_ROWS]);
-  assert.deepEqual(packCopies(tall, false, true)?.map((c) => [c.bufferOffset, c.x, c.height]), [
+Deno.test("texture matmul: batched attention-like product copied unpadded, tiles straddling batch entries", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    // 400 x (50x64 @ (40x64)^T): A's 20000 stored rows and B^T's 16000 are copied as they are; A's segments overlap
+    // by a tile because its batch entries (50 rows) do not start on tile boundaries.
+    const batch = 400, m = 50, n = 40, k = 64;
+    const a = param(g, [batch, m, k], 81, -1, 1, false);
+    const b = param(g, [batch, n, k], 82, -1, 1, false);
+    const plan = planMatmul(a.t, b.t, { transB: true });
+    assert.ok(plan.texture?.geometry.a.copied && plan.texture.geometry.b.copied);
+    assert.ok(plan.texture.geometry.a.segmentStep < TEXTURE_SEGMENT_ROWS);
+    const out = await matmulForward(a.t, b.t, { transB: true }).out.read();
+    sampledCheck(out, a.v, b.v, { batch, m, n, k, transB: true }, 300, 83);
+  });
+});
+
+Deno.test("operand layouts: padding, segments and when a plain copy fills the texture", () => {
+  const packed = operandLayout(70, 37, 3, "tile", 32, 8);
+  assert.deepEqual(
+    [packed.copied, packed.rowsPerBatch, packed.texelsPerRow, packed.width, packed.height],
+    [false, 96, 10, 10, 288],
+  );
+  const tall = operandLayout(20000, 128, 1, "tile", 32, 8);
+  assert.deepEqual([tall.copied, tall.segmentStep, tall.width, tall.height], [true, TEXTURE_SEGMENT_ROWS, 64, 16384]);
+  assert.deepEqual(operandCopies(tall).map((c) => [c.bufferOffset, c.x, c.height]), [
     [0, 0, TEXTURE_SEGMENT_ROWS],
     [TEXTURE_SEGMENT_ROWS * 512, 32, 20000 - TEXTURE_SEGMENT_ROWS],
   ]);
-  assert.equal(packCopies(tall, true, true), null, "transposed operands need the pack kernel");
-  assert.equal(packCopies(packedLayout(37, 128, 1, 8, 32), false, false), null, "K padding must be zeroed");
-  assert.equal(packCopies(packedLayout(32, 96, 1, 8, 32), false, false), null, "rows must be 256-byte aligned");
+  // Unaligned tile rows: segments start a tile apart less than their height, so they overlap by one tile.
+  const ragged = operandLayout(16400, 64, 1, "tile", 32, 8);
+  assert.equal(ragged.segmentStep, TEXTURE_SEGMENT_ROWS - 32);
+  assert.deepEqual(operandCopies(ragged).map((c) => [c.bufferOffset, c.x, c.height]), [
+    [0, 0, TEXTURE_SEGMENT_ROWS],
+    [(TEXTURE_SEGMENT_ROWS - 32) * 256, 16, 16400 - (TEXTURE_SEGMENT_ROWS - 32)],
+  ]);
+  assert.equal(operandLayout(37, 128, 1, "k", 8, 32).copied, false, "k rows need zero padding to 8");
+  assert.equal(operandLayout(32, 96, 1, "k", 8, 32).copied, false, "copied rows must be 256-byte aligned");
 });
 
 Deno.test("auto path: small products use the buffer kernel, large ones the texture path on CPU back ends", async () => {

@@ -7,12 +7,12 @@ import {
   matmulEpilogueUniforms,
   matmulEpilogueWorkgroups,
   type MatmulTile,
-  packCopies,
-  type PackedLayout,
-  packedLayout,
+  operandCopies,
+  type OperandLayout,
+  operandLayout,
   packKernel,
-  packMode,
   packUniforms,
+  packVec4,
   packWorkgroups,
   TEXTURE_SEGMENT_ROWS,
   type TextureMatmulGeometry,
@@ -123,23 +123,34 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     ? adapter.isSoftware && g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
     : pathOverride === "texture";
   if (!wanted) return { path: "buffer", geometry: g };
-  const aLayout = packedLayout(g.m, g.k, g.aBatchStride ? g.batch : 1, TEXTURE_TILE.tm, K_STEP);
-  const bLayout = packedLayout(g.k, g.n, g.bBatchStride ? g.batch : 1, K_STEP, TEXTURE_TILE.tn);
+  const { tm, tn } = TEXTURE_TILE;
+  const aBatches = g.aBatchStride ? g.batch : 1;
+  const bBatches = g.bBatchStride ? g.batch : 1;
+  // Textures hold the stored rows: A [M,K] has tile rows, A^T [K,M] k rows; B [K,N] k rows, B^T [N,K] tile rows.
+  const aLayout = transA
+    ? operandLayout(g.k, g.m, aBatches, "k", K_STEP, tm)
+    : operandLayout(g.m, g.k, aBatches, "tile", tm, K_STEP);
+  const bLayout = transB
+    ? operandLayout(g.n, g.k, bBatches, "tile", tn, K_STEP)
+    : operandLayout(g.k, g.n, bBatches, "k", K_STEP, tn);
   const maxSide = adapter.limits.maxTextureDimension2D ?? 8192;
   // The layouts wrap rows into segments of TEXTURE_SEGMENT_ROWS; an adapter with smaller textures, or operands
   // too wide even then (the pool rounds widths up to a power of two), use the buffer kernel.
-  const fits = (l: PackedLayout) => maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(l.width)) <= maxSide;
+  const fits = (l: OperandLayout) => maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(l.width)) <= maxSide;
   if (!fits(aLayout) || !fits(bLayout)) return { path: "buffer", geometry: g };
   return {
     path: "texture",
     geometry: g,
-    texture: { spec: textureSpecFor(adapter), geometry: { batch: g.batch, m: g.m, n: g.n, a: aLayout, b: bLayout } },
+    texture: {
+      spec: textureSpecFor(adapter, transA, transB),
+      geometry: { batch: g.batch, m: g.m, n: g.n, k: g.k, a: aLayout, b: bLayout },
+    },
   };
 }
 
 /** The one texture-kernel specialisation an adapter runs (benchmarks use it to time its first compile). */
-export function textureSpecFor(adapter: AdapterSummary): TextureMatmulSpec {
-  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, binding: textureBinding(adapter.backend) };
+export function textureSpecFor(adapter: AdapterSummary, transA = false, transB = false): TextureMatmulSpec {
+  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, binding: textureBinding(adapter.backend), transA, transB };
 }
 
 /**
@@ -212,17 +223,10 @@ function dispatchTextureMatmul(
   const pool = texturePool(gpu);
   const ta = pool.acquire(g.a.width, g.a.height);
   const tb = pool.acquire(g.b.width, g.b.height);
-  const pack = (
-    t: Tensor,
-    tex: PooledTexture,
-    layout: PackedLayout,
-    transposed: boolean,
-    staleRowsAllowed: boolean,
-  ) => {
-    const copies = packCopies(layout, transposed, staleRowsAllowed);
-    if (copies) {
+  const fill = (t: Tensor, tex: PooledTexture, layout: OperandLayout) => {
+    if (layout.copied) {
       gpu.withEncoder((encoder) => {
-        for (const c of copies) {
+        for (const c of operandCopies(layout)) {
           encoder.copyBufferToTexture(
             { buffer: t.buffer, offset: c.bufferOffset, bytesPerRow: c.bytesPerRow },
             { texture: tex.texture, origin: [c.x, 0] },
@@ -233,17 +237,15 @@ function dispatchTextureMatmul(
       return;
     }
     const stride = layout.batches > 1 ? layout.rows * layout.cols : 0;
-    const mode = packMode(layout, transposed);
     gpu.dispatch(
-      packKernel(mode),
+      packKernel(packVec4(layout)),
       [t.buffer, tex.view],
-      packWorkgroups(layout, mode),
-      packUniforms(layout, mode, stride),
+      packWorkgroups(layout),
+      packUniforms(layout, stride),
     );
   };
-  // A's padding rows only feed output rows that are never stored; B's padding rows are K padding and must be zero.
-  pack(a, ta, g.a, opts.transA ?? false, true);
-  pack(b, tb, g.b, opts.transB ?? false, false);
+  fill(a, ta, g.a);
+  fill(b, tb, g.b);
   const direct = g.n % 4 === 0;
   const dest = matmulDestination(spec, g, direct);
   const scratch = direct ? null : gpu.pool.acquire(g.batch * dest.rows * dest.rowStride * 4);
