@@ -45,13 +45,18 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
   if (spec.residual) extra.push(`@group(0) @binding(${binding++}) var<storage, read> residual: array<f32>;`);
   if (spec.savePreActivation) extra.push(`@group(0) @binding(${binding++}) var<storage, read_write> pre: array<f32>;`);
   const epilogue = [
-    `var z = acc[ti][tj];`,
+    `var z = v;`,
     spec.bias ? `z += bias[col];` : "",
     spec.savePreActivation ? `pre[idx] = z;` : "",
     `var y = ${spec.activation ? unaryExpression(spec.activation, "z") : "z"};`,
     spec.residual ? `y += residual[idx];` : "",
     `c[idx] = y;`,
-  ].filter(Boolean).join("\n        ");
+  ].filter(Boolean).join("\n  ");
+  const rows = Array.from({ length: TM }, (_, i) => i);
+  const cols = Array.from({ length: TN }, (_, j) => j);
+  const component = ["x", "y", "z", "w"];
+  // The tile lives in named vec4 registers (one per row) with every loop over it unrolled here: private arrays
+  // indexed in loops cost a lot on CPU back ends, which lower dynamic indices into branch ladders.
   return {
     key,
     wgsl: () =>
@@ -61,6 +66,10 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
 ${extra.join("\n")}
 
+fn emit(idx: u32, col: u32, v: f32) {
+  ${epilogue}
+}
+
 @compute @workgroup_size(${WG_X}, ${WG_Y})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   let batch = gid.z;
@@ -69,35 +78,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   let cBase = batch * ${m * n}u;
   let row0 = gid.y * ${TM}u;
   let col0 = gid.x * ${TN}u;
-  var acc: array<array<f32, ${TN}>, ${TM}>;
+  ${rows.map((i) => `let r${i} = min(row0 + ${i}u, ${m - 1}u);`).join(" ")}
+  ${cols.map((j) => `let k${j} = min(col0 + ${j}u, ${n - 1}u);`).join(" ")}
+  ${rows.map((i) => `var acc${i} = vec4<f32>(0.0);`).join(" ")}
   for (var kk = 0u; kk < ${k}u; kk++) {
-    var av: array<f32, ${TM}>;
-    var bv: array<f32, ${TN}>;
-    for (var ti = 0u; ti < ${TM}u; ti++) {
-      let r = min(row0 + ti, ${m - 1}u);
-      av[ti] = ${aAt("r", "kk")};
-    }
-    for (var tj = 0u; tj < ${TN}u; tj++) {
-      let cc = min(col0 + tj, ${n - 1}u);
-      bv[tj] = ${bAt("kk", "cc")};
-    }
-    for (var ti = 0u; ti < ${TM}u; ti++) {
-      for (var tj = 0u; tj < ${TN}u; tj++) {
-        acc[ti][tj] = fma(av[ti], bv[tj], acc[ti][tj]);
-      }
-    }
+    let bv = vec4<f32>(${cols.map((j) => bAt("kk", `k${j}`)).join(", ")});
+    ${rows.map((i) => `acc${i} = fma(vec4<f32>(${aAt(`r${i}`, "kk")}), bv, acc${i});`).join("\n    ")}
   }
-  for (var ti = 0u; ti < ${TM}u; ti++) {
-    let row = row0 + ti;
-    if (row >= ${m}u) { break; }
-    for (var tj = 0u; tj < ${TN}u; tj++) {
-      let col = col0 + tj;
-      if (col < ${n}u) {
-        let idx = cBase + row * ${n}u + col;
-        ${epilogue}
+  ${
+        rows.map((i) =>
+          `if (row0 + ${i}u < ${m}u) { ${
+            cols.map((j) =>
+              `if (col0 + ${j}u < ${n}u) { emit(cBase + (row0 + ${i}u) * ${n}u + col0 + ${j}u, col0 + ${j}u, acc${i}.${
+                component[j]
+              }); }`
+            ).join(" ")
+          } }`
+        ).join("\n  ")
       }
-    }
-  }
 }`,
   };
 }

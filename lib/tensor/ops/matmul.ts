@@ -101,10 +101,12 @@ export function setMatmulPath(path: MatmulPath): MatmulPath {
 }
 
 /**
- * Below this many multiply-adds the texture path's two pack dispatches and bigger launch granularity cost more
- * than they save over the buffer kernel on the CPU fallback (measured with bench/matmul_bench.ts).
+ * The CPU back end takes the texture path from this many multiply-adds. Measured on llvmpipe (2 cores, 16 lanes),
+ * per product: 32^3 buffer 0.22 ms / texture 0.24 ms, 64^3 0.72 / 0.21, 128^3 4.9 / 0.37, 50x768x768 131 / 2.8.
+ * Break-even is near 32^3; the bar sits at 64^3 so that tiny products (unit tests, toy models) do not pay the
+ * texture kernel's first compile (about 10 s per orientation until Mesa's disk cache holds it).
  */
-export const TEXTURE_MATMUL_MIN_MACS = 1 << 21;
+export const TEXTURE_MATMUL_MIN_MACS = 1 << 18;
 
 /** How `matmulForward` will run a product: the kernel path and, for the texture path, its tile and layouts. */
 export interface MatmulPlan {
