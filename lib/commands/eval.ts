@@ -1,29 +1,45 @@
 import { ClipError, UsageError } from "../errors.ts";
-import type { Preprocess } from "../data/image.ts";
-import { labelOf } from "../data/loader.ts";
-import { expandShards } from "../data/shards.ts";
+import { expandShards, type Partition, partitionFromEnv } from "../data/shards.ts";
 import { ClipTokenizer } from "../data/tokenizer.ts";
-import type { RawSample, Requirement } from "../data/webdataset.ts";
 import { zeroShotClassifier } from "../eval/embed_data.ts";
-import { encodeTexts } from "../eval/encode.ts";
-import { linearProbe } from "../eval/linear_probe.ts";
-import { classificationMetrics, retrievalRecall, similarity } from "../eval/metrics.ts";
 import {
-  CAPTION_REQUIREMENT,
-  captionsOf,
-  CLASS_REQUIREMENT,
-  embedShardImages,
-  type ShardFeatures,
-} from "../eval/shard_features.ts";
+  checkLabels,
+  type EvalOutcome,
+  type GatheredSet,
+  gatherParts,
+  leftOutNote,
+  linearProbeOutcome,
+  probeClassCount,
+  requireSamples,
+  retrievalOutcome,
+  zeroshotOutcome,
+} from "../eval/eval_outcome.ts";
+import {
+  type ClassList,
+  describePart,
+  embedPart,
+  type EvalPart,
+  evalParts,
+  type EvalPlan,
+  type EvalSet,
+  type EvalTask,
+  ownerOf,
+  type PartFeatures,
+  TASK_NAMES,
+} from "../eval/eval_parts.ts";
+import { EvalStore } from "../eval/eval_store.ts";
 import { loadTemplates, parseTemplates } from "../eval/templates.ts";
 import { getGpu } from "../gpu/runtime.ts";
 import type { ClipModel } from "../nn/clip.ts";
+import type { Preprocess } from "../data/image.ts";
 import { loadModel } from "../nn/load.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
 import { datasetSampleCount } from "./dataset_info.ts";
-import { Progress } from "./progress.ts";
+import { formatDuration, Progress } from "./progress.ts";
 
 const HELP = `usage: clip eval --model M --data SHARDS --task zeroshot|retrieval|linear-probe [options]
+       clip eval ... --out DIR [--shard-index I --shard-count N]     (one partition of the work)
+       clip eval --merge DIR [--json]                                 (the metrics of all partitions)
 
 Evaluates a model on WebDataset shards and reports CLIP_benchmark's metrics. With --json, prints
 {"dataset", "model", "task", "metrics": {...}} (task names as CLIP_benchmark's: zeroshot_classification,
@@ -50,6 +66,18 @@ options:
   --batch-size B         images per forward pass (default 64)
   --json                 print the result as JSON on stdout
 
+partitioning (several processes or machines; the merge gives exactly the metrics of a single run):
+  --out DIR              write this partition's features to DIR instead of printing metrics: one part per shard
+                         (--data's shards, then --train-data's), part p in partition p % N; finished parts are kept
+                         and skipped when a run restarts. Partition 0 also writes the zero-shot classifier.
+  --shard-index I --shard-count N   this process's partition. Without them it comes from the scheduler's environment:
+                         Kubernetes Indexed Jobs (JOB_COMPLETION_INDEX with CLIP_SHARD_COUNT or JOB_COMPLETIONS) or
+                         Slurm arrays (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); otherwise all parts run here.
+  --merge DIR            once every partition has finished (their DIRs copied together, or one shared DIR): read all
+                         parts and print the metrics. Needs no model or GPU: the evaluation is recorded in DIR/plan.json.
+                         Fails naming the partitions whose parts are missing.
+
+Each part is batched on its own, in a single run as in a partition, so the merged metrics equal a single run's.
 Ties in scores count against the model (a deterministic choice; torch.topk breaks them arbitrarily).`;
 
 const FLAGS = {
@@ -61,10 +89,13 @@ const FLAGS = {
   templates: { type: "string" },
   "batch-size": { type: "string" },
   json: { type: "boolean" },
+  out: { type: "string" },
+  merge: { type: "string" },
+  "shard-index": { type: "string" },
+  "shard-count": { type: "string" },
 } as const;
 
-const TASKS = { zeroshot: "zeroshot_classification", retrieval: "zeroshot_retrieval", "linear-probe": "linear_probe" };
-type Task = keyof typeof TASKS;
+type Flags = { [K in keyof typeof FLAGS]?: (typeof FLAGS)[K]["type"] extends "boolean" ? boolean : string };
 
 export interface EvalResult {
   dataset: string;
@@ -75,10 +106,10 @@ export interface EvalResult {
   [extra: string]: unknown;
 }
 
-interface Context {
-  model: ClipModel;
-  preprocess: Preprocess;
-  batchSize: number;
+/** How each shard set is called in progress lines and messages, per task. */
+function setLabel(task: EvalTask, set: EvalSet): string {
+  if (task === "linear-probe") return set === "data" ? "probe test set" : "probe training set";
+  return task === "zeroshot" ? "zero-shot" : "retrieval";
 }
 
 function folderOf(shard: string): string | null {
@@ -95,19 +126,16 @@ async function readLines(path: string): Promise<string[] | null> {
   }
 }
 
-/** Class names: --classes-file, else classes.txt beside the first shard. */
-async function classNamesFor(shards: string[], file: string | undefined): Promise<string[]> {
+/** Class names: --classes-file, else classes.txt beside the first shard; null when neither exists. */
+async function classListFor(shards: string[], file: string | undefined): Promise<ClassList | null> {
   if (file) {
     const names = await readLines(file);
     if (!names) throw new ClipError(`classes file ${file} not found`);
-    return names;
+    return { names, source: file };
   }
   const dir = folderOf(shards[0]);
   const names = dir === null ? null : await readLines(`${dir}/classes.txt`);
-  if (!names) {
-    throw new UsageError("eval: no class names: put classes.txt beside the shards or pass --classes-file.");
-  }
-  return names;
+  return names ? { names, source: "classes.txt" } : null;
 }
 
 /** Templates: --templates, else templates.txt beside the first shard, else OpenAI's 80. */
@@ -122,122 +150,293 @@ async function templatesFor(shards: string[], spec: string | undefined): Promise
   return await loadTemplates("openai");
 }
 
-async function embedWithProgress<T>(
-  ctx: Context,
-  shards: string[],
-  what: string,
-  required: Requirement[],
-  describe: (sample: RawSample) => T,
-): Promise<ShardFeatures<T>> {
-  const progress = new Progress("images", await datasetSampleCount(shards), what);
-  const features = await embedShardImages(ctx.model, ctx.preprocess, shards, {
-    required,
-    describe,
-    batchSize: ctx.batchSize,
+/** The evaluation the flags describe; fails on bad flags before any model is loaded. */
+async function planFrom(v: Flags): Promise<EvalPlan> {
+  for (const required of ["model", "data", "task"] as const) {
+    if (!v[required]) throw new UsageError(`eval: --${required} is required. Run 'clip eval --help' for usage.`);
+  }
+  if (!(v.task! in TASK_NAMES)) {
+    throw new UsageError(`eval: --task must be one of ${Object.keys(TASK_NAMES).join(", ")}, got '${v.task}'.`);
+  }
+  const task = v.task as EvalTask;
+  if (task === "linear-probe" && !v["train-data"]) {
+    throw new UsageError("eval: --task linear-probe needs --train-data.");
+  }
+  const shards = expandShards(v.data!);
+  const classes = task === "retrieval" ? null : await classListFor(shards, v["classes-file"]);
+  if (task === "zeroshot" && !classes) {
+    throw new UsageError("eval: no class names: put classes.txt beside the shards or pass --classes-file.");
+  }
+  return {
+    task,
+    model: v.model!,
+    dataset: v.data!,
+    trainDataset: v["train-data"] ?? null,
+    shards: { data: shards, "train-data": v["train-data"] ? expandShards(v["train-data"]) : [] },
+    classes,
+    templates: task === "zeroshot" ? await templatesFor(shards, v.templates) : null,
+  };
+}
+
+/** The partition from --shard-index/--shard-count, else from a batch scheduler's environment, else none. */
+function partitionFrom(v: Flags): Partition | undefined {
+  const index = v["shard-index"], count = v["shard-count"];
+  if ((index === undefined) !== (count === undefined)) {
+    throw new UsageError("eval: give --shard-index and --shard-count together.");
+  }
+  if (index === undefined) return partitionFromEnv(Deno.env.toObject());
+  const n = intFlag("eval", "shard-count", count, 1);
+  const i = intFlag("eval", "shard-index", index, 0);
+  if (n < 1 || i >= n) throw new UsageError(`eval: --shard-index must be in 0..${n - 1} for --shard-count ${n}.`);
+  return { index: i, count: n, source: "--shard-index/--shard-count" };
+}
+
+interface Encoder {
+  model: ClipModel;
+  preprocess: Preprocess;
+  /** Loaded when the work needs the text tower (retrieval captions, the zero-shot classifier). */
+  tokenizer?: ClipTokenizer;
+  batchSize: number;
+}
+
+async function loadEncoder(plan: EvalPlan, batchSize: number, needsText: boolean): Promise<Encoder> {
+  const { model, preprocess, source } = await loadModel(await getGpu(), plan.model);
+  const shards = plan.shards.data.length + plan.shards["train-data"].length;
+  console.error(`evaluating ${plan.model} (${source}) on ${shards} shard(s): ${TASK_NAMES[plan.task]}`);
+  return { model, preprocess, batchSize, tokenizer: needsText ? await ClipTokenizer.load() : undefined };
+}
+
+function needsTextTower(plan: EvalPlan): boolean {
+  return plan.task !== "linear-probe";
+}
+
+/** Embeds one part, failing early on labels outside a known class list (the merge would refuse them anyway). */
+async function embedChecked(enc: Encoder, plan: EvalPlan, part: EvalPart, progress: Progress) {
+  const features = await embedPart(enc.model, enc.preprocess, plan.task, part, {
+    batchSize: enc.batchSize,
+    tokenizer: enc.tokenizer,
     onProgress: (n) => progress.advance(n),
     onWarning: (m) => progress.note(`warning: ${m}`),
   });
-  progress.finish();
-  if (features.items.length === 0) {
-    throw new ClipError(
-      `no usable samples in ${shards.length} shard(s) for ${what}: each needs an image and ${
-        required.map((r) => r.join(" or ")).join(" and ")
-      }`,
-    );
-  }
-  if (features.skippedImages + features.skippedIncomplete + features.damagedShards > 0) {
-    console.error(
-      `${what}: ${features.items.length} samples used; left out ${features.skippedImages} undecodable images, ` +
-        `${features.skippedIncomplete} incomplete samples; ${features.damagedShards} damaged shards`,
+  if (plan.classes && features.labels) {
+    checkLabels(
+      { keys: features.keys, labels: features.labels, shardOf: () => part.shard },
+      plan.classes.names.length,
+      plan.classes.source,
     );
   }
   return features;
 }
 
-function labelled(sample: RawSample): { key: string; shard: string; label: number } {
-  return { key: sample.key, shard: sample.shard, label: labelOf(sample) };
-}
-
-function checkLabels(items: { key: string; shard: string; label: number }[], classes: number, source: string): void {
-  const bad = items.find((it) => it.label < 0 || it.label >= classes);
-  if (bad) {
-    throw new ClipError(
-      `sample '${bad.key}' in ${bad.shard} has class ${bad.label}, outside the ${classes} classes of ${source}; ` +
-        "check the .cls files against the class list",
-    );
-  }
-}
-
-async function zeroshot(ctx: Context, shards: string[], classesFile?: string, templatesSpec?: string) {
-  const names = await classNamesFor(shards, classesFile);
-  const templates = await templatesFor(shards, templatesSpec);
-  const data = await embedWithProgress(ctx, shards, "zero-shot", [CLASS_REQUIREMENT], labelled);
-  checkLabels(data.items, names.length, classesFile ?? "classes.txt");
+async function buildClassifier(enc: Encoder, plan: EvalPlan): Promise<Float32Array> {
+  const names = plan.classes!.names, templates = plan.templates!;
   console.error(`building the classifier: ${names.length} classes x ${templates.length} prompts`);
-  const tokenizer = await ClipTokenizer.load();
-  const classifier = await zeroShotClassifier(ctx.model, tokenizer, names, templates);
-  const scores = similarity(data.embeddings, classifier, data.dim);
-  const m = classificationMetrics(scores, names.length, data.items.map((it) => it.label));
-  const perClass: Record<string, number | null> = {};
-  names.forEach((name, c) => perClass[name] = Number.isNaN(m.per_class_recall[c]) ? null : m.per_class_recall[c]);
-  return {
-    metrics: { acc1: m.acc1, acc5: m.acc5, mean_per_class_recall: m.mean_per_class_recall, per_class_recall: perClass },
-    samples: data.items.length,
-  };
+  return await zeroShotClassifier(enc.model, enc.tokenizer!, names, templates);
 }
 
-async function retrieval(ctx: Context, shards: string[]) {
-  const data = await embedWithProgress(ctx, shards, "retrieval", [CAPTION_REQUIREMENT], (s) => captionsOf(s));
-  const captions: string[] = [];
-  const textToImage: number[] = [];
-  data.items.forEach((list, image) => {
-    for (const c of list) {
-      captions.push(c);
-      textToImage.push(image);
-    }
-  });
-  console.error(`embedding ${captions.length} captions of ${data.items.length} images`);
-  const tokenizer = await ClipTokenizer.load();
-  const texts = await encodeTexts(ctx.model, tokenizer, captions, ctx.batchSize);
-  return {
-    metrics: retrievalRecall(data.embeddings, texts, data.dim, textToImage, [1, 5, 10]),
-    samples: data.items.length,
-    captions: captions.length,
+/**
+ * The result of an evaluation from all its parts (in part order) and, for zero-shot, the classifier: shared by a
+ * single run and a merge. Prints what was left out to stderr.
+ */
+function outcomeOf(
+  plan: EvalPlan,
+  parts: readonly { part: EvalPart; features: PartFeatures }[],
+  classifier: Float32Array | null,
+): EvalOutcome {
+  const gathered = (set: EvalSet): GatheredSet => {
+    const setParts = parts.filter((p) => p.part.set === set).map((p) => ({
+      shard: p.part.shard,
+      features: p.features,
+    }));
+    const g = gatherParts(setParts);
+    const what = setLabel(plan.task, set);
+    const note = leftOutNote(g, what);
+    if (note) console.error(note);
+    requireSamples(g, what, plan.task);
+    return g;
   };
-}
-
-async function linearProbeTask(ctx: Context, shards: string[], trainShards: string[], classesFile?: string) {
-  const train = await embedWithProgress(ctx, trainShards, "probe training set", [CLASS_REQUIREMENT], labelled);
-  const test = await embedWithProgress(ctx, shards, "probe test set", [CLASS_REQUIREMENT], labelled);
-  const dir = folderOf(shards[0]);
-  const names = classesFile ? await classNamesFor(shards, classesFile) : dir && await readLines(`${dir}/classes.txt`);
-  const maxLabel = Math.max(...train.items.map((it) => it.label), ...test.items.map((it) => it.label));
-  const classes = names ? names.length : maxLabel + 1;
-  checkLabels(train.items, classes, names ? "the class list" : "the labels seen");
-  checkLabels(test.items, classes, names ? "the class list" : "the labels seen");
-  console.error(`fitting the probe: ${train.items.length} samples, ${classes} classes, ${train.dim} features`);
-  const result = linearProbe(
-    { features: train.embeddings, labels: train.items.map((it) => it.label) },
-    { features: test.embeddings, labels: test.items.map((it) => it.label) },
-    train.dim,
-    classes,
+  if (plan.task === "zeroshot") return zeroshotOutcome(plan, gathered("data"), classifier!);
+  if (plan.task === "retrieval") {
+    const data = gathered("data");
+    console.error(`retrieval: ${data.captions.flat().length} captions of ${data.keys.length} images`);
+    return retrievalOutcome(data);
+  }
+  const train = gathered("train-data"), test = gathered("data");
+  console.error(
+    `fitting the probe: ${train.keys.length} samples, ${
+      probeClassCount(plan, train, test)
+    } classes, ${train.dim} features`,
   );
-  return {
-    metrics: {
-      acc1: result.metrics.acc1,
-      acc5: result.metrics.acc5,
-      mean_per_class_recall: result.metrics.mean_per_class_recall,
-    },
-    samples: test.items.length,
-    train_samples: train.items.length,
-    l2: result.l2,
-    validation: result.validation,
-  };
+  return linearProbeOutcome(plan, train, test);
 }
 
 function formatMetric(value: unknown): string {
   return typeof value === "number" && Number.isFinite(value) ? `${(100 * value).toFixed(2)}%` : "n/a";
 }
+
+function printResult(result: EvalResult, json: boolean): void {
+  if (json) {
+    console.log(JSON.stringify(result, null, 2));
+    return;
+  }
+  console.log(`${result.task} of ${result.model} on ${result.dataset} (${result.samples} samples)`);
+  for (const [name, value] of Object.entries(result.metrics)) {
+    if (name === "per_class_recall") {
+      const entries = Object.entries(value as Record<string, number | null>);
+      console.log(`  per-class recall:`);
+      for (const [cls, r] of entries) console.log(`    ${formatMetric(r).padStart(8)}  ${cls}`);
+    } else console.log(`  ${name.padEnd(28)} ${formatMetric(value)}`);
+  }
+  if (typeof result.l2 === "number") console.log(`  (probe L2 strength ${result.l2}, chosen on 20% held out)`);
+}
+
+function resultOf(plan: EvalPlan, outcome: EvalOutcome): EvalResult {
+  return { dataset: plan.dataset, model: plan.model, task: TASK_NAMES[plan.task], ...outcome };
+}
+
+/** Every part in this process, held in memory. */
+async function runSingle(plan: EvalPlan, batchSize: number, json: boolean): Promise<number> {
+  const enc = await loadEncoder(plan, batchSize, needsTextTower(plan));
+  const parts = evalParts(plan);
+  const done: { part: EvalPart; features: PartFeatures }[] = [];
+  // The probe's training set first, as its features are what the fit needs; results are gathered in part order.
+  const sets: EvalSet[] = plan.task === "linear-probe" ? ["train-data", "data"] : ["data"];
+  for (const set of sets) {
+    const mine = parts.filter((p) => p.set === set);
+    const progress = new Progress(
+      "images",
+      await datasetSampleCount(mine.map((p) => p.shard)),
+      setLabel(plan.task, set),
+    );
+    for (const part of mine) done.push({ part, features: await embedChecked(enc, plan, part, progress) });
+    progress.finish();
+  }
+  done.sort((a, b) => a.part.index - b.part.index);
+  const classifier = plan.task === "zeroshot" ? await buildClassifier(enc, plan) : null;
+  printResult(resultOf(plan, outcomeOf(plan, done, classifier)), json);
+  return 0;
+}
+
+/** The parts of one partition, written to `out`; exit code 1 when a shard could not be read (a rerun retries it). */
+async function runPartition(plan: EvalPlan, partition: Partition, out: string, batchSize: number): Promise<number> {
+  const store = new EvalStore(out);
+  await store.open(plan, partition.count);
+  const all = evalParts(plan);
+  const mine = all.filter((p) => ownerOf(p, partition.count) === partition.index);
+  const todo: EvalPart[] = [];
+  for (const part of mine) if (!(await store.isDone(plan, part))) todo.push(part);
+  const writesClassifier = plan.task === "zeroshot" && partition.index === 0 && !(await store.hasClassifier());
+  const where = partition.count > 1 ? `partition ${partition.index} of ${partition.count} (${partition.source}): ` : "";
+  console.error(
+    `${where}${mine.length} of ${all.length} parts, ${mine.length - todo.length} already done, ${todo.length} to embed`,
+  );
+  const mergeHint = `when all ${partition.count} partition(s) have finished: clip eval --merge ${out} [--json]`;
+  if (todo.length === 0 && !writesClassifier) {
+    console.error(mergeHint);
+    return 0;
+  }
+
+  const enc = await loadEncoder(plan, batchSize, plan.task === "retrieval" || writesClassifier);
+  const progress = new Progress("images", await datasetSampleCount(todo.map((p) => p.shard)));
+  const failed: string[] = [];
+  let written = 0, rows = 0;
+  for (const [i, part] of todo.entries()) {
+    progress.detail = `${part.set} part ${part.name} (${i + 1}/${todo.length})`;
+    const features = await embedChecked(enc, plan, part, progress);
+    if (features.failure !== undefined) {
+      failed.push(`${describePart(part)} NOT written (run again to retry): ${features.failure}`);
+      continue;
+    }
+    await store.writePart(part, features);
+    written++;
+    rows += features.keys.length;
+  }
+  progress.finish();
+  if (writesClassifier) await store.writeClassifier(await buildClassifier(enc, plan), enc.model.config.embed_dim);
+  const lines = [
+    `wrote ${written} parts, ${rows} samples to ${out} in ${formatDuration(progress.seconds)}` +
+    (writesClassifier ? ", and the zero-shot classifier" : ""),
+    ...failed,
+  ];
+  if (failed.length === 0) lines.push(mergeHint);
+  console.error(lines.join("\n  "));
+  return failed.length > 0 ? 1 : 0;
+}
+
+/** Part names of one set, shortened after `max`. */
+function partList(parts: readonly EvalPart[], max = 8): string {
+  const bySet = (["data", "train-data"] as const).map((set) => {
+    const names = parts.filter((p) => p.set === set).map((p) => p.name);
+    if (names.length === 0) return null;
+    const shown = names.length > max ? [...names.slice(0, max), `... (${names.length} in all)`] : names;
+    return `${set} part${names.length > 1 ? "s" : ""} ${shown.join(", ")}`;
+  });
+  return bySet.filter((s) => s !== null).join("; ");
+}
+
+/** One line naming the partitions that have not finished and what each still owes. */
+function missingMessage(
+  dir: string,
+  total: number,
+  missing: readonly EvalPart[],
+  classifierMissing: boolean,
+  partitions: number,
+): string {
+  const owners = new Map<number, string[]>();
+  const owe = (p: number, what: string) => owners.set(p, [...(owners.get(p) ?? []), what]);
+  for (let p = 0; p < partitions; p++) {
+    const parts = missing.filter((part) => ownerOf(part, partitions) === p);
+    if (parts.length > 0) owe(p, partList(parts));
+  }
+  if (classifierMissing) owe(0, "the zero-shot classifier");
+  const list = [...owners.entries()];
+  const shown = list.slice(0, 6).map(([p, what]) => `partition ${p} (${what.join("; ")})`);
+  if (list.length > 6) shown.push(`${list.length - 6} more`);
+  const first = list[0][0];
+  return `eval --merge: ${dir} lacks ${missing.length} of ${total} parts${
+    classifierMissing ? " and the zero-shot classifier" : ""
+  }: ${shown.join(", ")} of ${partitions} ${list.length > 1 ? "have" : "has"} not finished; run ${
+    list.length > 1 ? "them" : "it"
+  } again (e.g. --shard-index ${first} --shard-count ${partitions}, JOB_COMPLETION_INDEX=${first} or ` +
+    `SLURM_ARRAY_TASK_ID=${first}) with --out ${dir}, or copy ${
+      list.length > 1 ? "their" : "its"
+    } output in, and merge again`;
+}
+
+/** Reads every part of DIR and prints the metrics, as a single run over the same shards would. */
+async function runMerge(dir: string, json: boolean): Promise<number> {
+  const store = new EvalStore(dir);
+  const { plan, partitions } = await store.readPlan();
+  const all = evalParts(plan);
+  const missing: EvalPart[] = [];
+  for (const part of all) if (!(await store.isDone(plan, part))) missing.push(part);
+  const classifierMissing = plan.task === "zeroshot" && !(await store.hasClassifier());
+  if (missing.length > 0 || classifierMissing) {
+    throw new ClipError(missingMessage(dir, all.length, missing, classifierMissing, partitions));
+  }
+  console.error(`merging ${all.length} parts of ${partitions} partition(s) from ${dir}: ${TASK_NAMES[plan.task]}`);
+  const parts = [];
+  for (const part of all) parts.push({ part, features: await store.readPart(plan, part) });
+  const classifier = plan.task === "zeroshot"
+    ? await store.readClassifier(plan.classes!.names.length, parts[0].features.dim)
+    : null;
+  printResult(resultOf(plan, outcomeOf(plan, parts, classifier)), json);
+  return 0;
+}
+
+/** Flags that describe the evaluation, which --merge reads from DIR/plan.json instead. */
+const NOT_WITH_MERGE = [
+  "model",
+  "data",
+  "task",
+  "train-data",
+  "classes-file",
+  "templates",
+  "batch-size",
+  "out",
+  "shard-index",
+  "shard-count",
+] as const;
 
 export const evalCommand: Command = {
   name: "eval",
@@ -249,42 +448,30 @@ export const evalCommand: Command = {
       console.log(HELP);
       return 0;
     }
-    for (const required of ["model", "data", "task"] as const) {
-      if (!v[required]) throw new UsageError(`eval: --${required} is required. Run 'clip eval --help' for usage.`);
-    }
-    if (!(v.task! in TASKS)) {
-      throw new UsageError(`eval: --task must be one of ${Object.keys(TASKS).join(", ")}, got '${v.task}'.`);
-    }
-    const task = v.task as Task;
-    if (task === "linear-probe" && !v["train-data"]) {
-      throw new UsageError("eval: --task linear-probe needs --train-data.");
-    }
-    const batchSize = Math.max(1, intFlag("eval", "batch-size", v["batch-size"], 64));
-    const shards = expandShards(v.data!);
-    const trainShards = v["train-data"] ? expandShards(v["train-data"]) : [];
-
-    const gpu = await getGpu();
-    const { model, preprocess, source } = await loadModel(gpu, v.model!);
-    console.error(`evaluating ${v.model} (${source}) on ${shards.length} shard(s): ${TASKS[task]}`);
-    const ctx: Context = { model, preprocess, batchSize };
-    const outcome = task === "zeroshot"
-      ? await zeroshot(ctx, shards, v["classes-file"], v.templates)
-      : task === "retrieval"
-      ? await retrieval(ctx, shards)
-      : await linearProbeTask(ctx, shards, trainShards, v["classes-file"]);
-    const result: EvalResult = { dataset: v.data!, model: v.model!, task: TASKS[task], ...outcome };
-    if (v.json) console.log(JSON.stringify(result, null, 2));
-    else {
-      console.log(`${result.task} of ${result.model} on ${result.dataset} (${result.samples} samples)`);
-      for (const [name, value] of Object.entries(result.metrics)) {
-        if (name === "per_class_recall") {
-          const entries = Object.entries(value as Record<string, number | null>);
-          console.log(`  per-class recall:`);
-          for (const [cls, r] of entries) console.log(`    ${formatMetric(r).padStart(8)}  ${cls}`);
-        } else console.log(`  ${name.padEnd(28)} ${formatMetric(value)}`);
+    if (v.merge !== undefined) {
+      const extra = NOT_WITH_MERGE.filter((f) => v[f] !== undefined);
+      if (extra.length > 0) {
+        throw new UsageError(
+          `eval: --merge takes only --json (the evaluation is recorded in ${v.merge}/plan.json); drop --${
+            extra.join(", --")
+          }.`,
+        );
       }
-      if (typeof result.l2 === "number") console.log(`  (probe L2 strength ${result.l2}, chosen on 20% held out)`);
+      return await runMerge(v.merge, v.json ?? false);
     }
-    return 0;
+    const plan = await planFrom(v);
+    const batchSize = Math.max(1, intFlag("eval", "batch-size", v["batch-size"], 64));
+    const partition = partitionFrom(v);
+    if (v.out !== undefined) {
+      return await runPartition(plan, partition ?? { index: 0, count: 1, source: "all parts" }, v.out, batchSize);
+    }
+    if (partition && partition.count > 1) {
+      throw new UsageError(
+        `eval: this process is partition ${partition.index} of ${partition.count} (${partition.source}): give ` +
+          "--out DIR to write its features and merge them with 'clip eval --merge DIR', or --shard-index 0 " +
+          "--shard-count 1 to evaluate everything here.",
+      );
+    }
+    return await runSingle(plan, batchSize, v.json ?? false);
   },
 };

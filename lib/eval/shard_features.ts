@@ -18,6 +18,8 @@ export interface ShardFeatures<T> {
   skippedIncomplete: number;
   /** Shards that could not be read, or were truncated. */
   damagedShards: number;
+  /** Of the damaged shards, those that could not be opened or read (as opposed to truncated or corrupt ones). */
+  unreadableShards: number;
 }
 
 export interface ShardFeatureOptions<T> {
@@ -75,6 +77,7 @@ export async function embedShardImages<T>(
     skippedImages,
     skippedIncomplete: reader.counters.skippedMissingKeys,
     damagedShards: reader.counters.failedShards + reader.counters.skippedCorrupt,
+    unreadableShards: reader.counters.failedShards,
   };
 }
 
