@@ -26,6 +26,39 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   };
 }
 
+/**
+ * Elements per invocation of the vector kernels: one vec4 word. Their workgroups have ELEMENTWISE_WG / 4 invocations,
+ * so a workgroup still covers ELEMENTWISE_WG elements and `elementGroups(n)` sizes the dispatch of either form.
+ * On the CPU fallback every storage-buffer load runs a loop over the SIMD lanes; a vec4 load costs about what a
+ * scalar one does, so moving words of 4 floats nearly halves the time of the memory-bound kernels (measured 1.3-1.8x
+ * on lavapipe). Every GPU gains from the wider loads too.
+ */
+const VECTOR_WG = ELEMENTWISE_WG / 4;
+
+/** True when n elements can be moved as whole vec4 words (tensor buffers come from the pool in 16-byte multiples). */
+export function isVectorisable(n: number): boolean {
+  return n % 4 === 0;
+}
+
+/** A kernel whose `body` runs once for each vec4 word `i` in [0, n / 4). */
+function elementwiseVec4(key: string, n: number, bindings: string, body: string, helpers = ""): Kernel {
+  if (!isVectorisable(n)) throw new Error(`${key}: ${n} elements are not whole vec4 words`);
+  return {
+    key,
+    wgsl: () =>
+      `${LINEAR_WORKGROUP_WGSL}
+${helpers}
+${bindings}
+@compute @workgroup_size(${VECTOR_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = linear_workgroup(wid, nwg) * ${VECTOR_WG}u + lid.x;
+  if (i >= ${n / 4}u) { return; }
+  ${body}
+}`,
+  };
+}
+
 const f32lit = (v: number) =>
   Number.isFinite(v)
     ? `f32(${v.toExponential()})`
@@ -33,6 +66,14 @@ const f32lit = (v: number) =>
 
 export function fillKernel(n: number, value: number, type: "f32" | "i32" = "f32"): Kernel {
   const lit = type === "f32" ? f32lit(value) : `${Math.trunc(value)}i`;
+  if (isVectorisable(n)) {
+    return elementwiseVec4(
+      `fill4/${type}/${n}/${value}`,
+      n,
+      `@group(0) @binding(0) var<storage, read_write> out: array<vec4<${type}>>;`,
+      `out[i] = vec4<${type}>(${lit});`,
+    );
+  }
   return elementwise(
     `fill/${type}/${n}/${value}`,
     n,
@@ -43,23 +84,28 @@ export function fillKernel(n: number, value: number, type: "f32" | "i32" = "f32"
 
 /** out = a * alpha + b * beta, elementwise over equal sizes (covers copy, accumulate, axpy). */
 export function linearCombinationKernel(n: number, alpha: number, beta: number | null): Kernel {
+  const word = isVectorisable(n) ? "vec4<f32>" : "f32";
   const rhs = beta === null ? `a[i] * ${f32lit(alpha)}` : `a[i] * ${f32lit(alpha)} + b[i] * ${f32lit(beta)}`;
   const bindings = beta === null
-    ? `@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;`
-    : `@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;`;
-  return elementwise(`lincomb/${n}/${alpha}/${beta}`, n, bindings, `out[i] = ${rhs};`);
+    ? `@group(0) @binding(0) var<storage, read> a: array<${word}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${word}>;`
+    : `@group(0) @binding(0) var<storage, read> a: array<${word}>;
+@group(0) @binding(1) var<storage, read> b: array<${word}>;
+@group(0) @binding(2) var<storage, read_write> out: array<${word}>;`;
+  return isVectorisable(n)
+    ? elementwiseVec4(`lincomb4/${n}/${alpha}/${beta}`, n, bindings, `out[i] = ${rhs};`)
+    : elementwise(`lincomb/${n}/${alpha}/${beta}`, n, bindings, `out[i] = ${rhs};`);
 }
 
 /** dst += src, in place. */
 export function accumulateKernel(n: number): Kernel {
-  return elementwise(
-    `accumulate/${n}`,
+  const vector = isVectorisable(n);
+  const word = vector ? "vec4<f32>" : "f32";
+  return (vector ? elementwiseVec4 : elementwise)(
+    `accumulate${vector ? "4" : ""}/${n}`,
     n,
-    `@group(0) @binding(0) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(1) var<storage, read> src: array<f32>;`,
+    `@group(0) @binding(0) var<storage, read_write> dst: array<${word}>;
+@group(0) @binding(1) var<storage, read> src: array<${word}>;`,
     `dst[i] = dst[i] + src[i];`,
   );
 }
@@ -132,38 +178,66 @@ export function unaryDerivative(op: UnaryOp, x: string, y: string): string {
   }
 }
 
+/** WGSL functions `unary_f(x)` and `unary_df(x, y)` (f and its derivative) of one op, for the kernels below. */
+function unaryFunctions(op: UnaryOp): string {
+  return `${UNARY_HELPERS_WGSL}
+fn unary_f(x: f32) -> f32 { return ${unaryExpression(op, "x")}; }
+fn unary_df(x: f32, y: f32) -> f32 { return ${unaryDerivative(op, "x", "y")}; }`;
+}
+
+/** `fn(v.x, ...), fn(v.y, ...), ...` as a vec4, applying a scalar function to each component of vec4 arguments. */
+function perComponent(fn: string, args: string[]): string {
+  return `vec4<f32>(${
+    ["x", "y", "z", "w"].map((c) => `${fn}(${args.map((a) => `${a}.${c}`).join(", ")})`).join(", ")
+  })`;
+}
+
 export function unaryKernel(op: UnaryOp, n: number): Kernel {
-  return elementwise(
-    `unary/${op}/${n}`,
+  const vector = isVectorisable(n);
+  const word = vector ? "vec4<f32>" : "f32";
+  return (vector ? elementwiseVec4 : elementwise)(
+    `unary${vector ? "4" : ""}/${op}/${n}`,
     n,
-    `@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;`,
-    `let x = a[i]; out[i] = ${unaryExpression(op, "x")};`,
-    UNARY_HELPERS_WGSL,
+    `@group(0) @binding(0) var<storage, read> a: array<${word}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${word}>;`,
+    `let x = a[i]; out[i] = ${vector ? perComponent("unary_f", ["x"]) : "unary_f(x)"};`,
+    unaryFunctions(op),
   );
 }
 
-/** grad_in = grad_out * f'(x), given the forward input x and output y. */
+/**
+ * grad_in = grad_out * f'(x), given the forward input x and output y. Bindings are always (x, y, grad_out, grad_in),
+ * but only the values the derivative uses are loaded: loads dominate this kernel on the CPU fallback. The unused
+ * ones stay bound through `arrayLength`, which reads no element.
+ */
 export function unaryBackwardKernel(op: UnaryOp, n: number): Kernel {
-  return elementwise(
-    `unary_bwd/${op}/${n}`,
+  const vector = isVectorisable(n);
+  const word = vector ? "vec4<f32>" : "f32";
+  const derivative = unaryDerivative(op, "x_value", "y_value");
+  const zero = vector ? "vec4<f32>(0.0)" : "0.0";
+  const x = derivative.includes("x_value") ? "a[i]" : zero;
+  const y = derivative.includes("y_value") ? "y_out[i]" : zero;
+  return (vector ? elementwiseVec4 : elementwise)(
+    `unary_bwd${vector ? "4" : ""}/${op}/${n}`,
     n,
-    `@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> y_out: array<f32>;
-@group(0) @binding(2) var<storage, read> g: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;`,
-    `let x = a[i]; let y = y_out[i]; out[i] = g[i] * ${unaryDerivative(op, "x", "y")};`,
-    UNARY_HELPERS_WGSL,
+    `@group(0) @binding(0) var<storage, read> a: array<${word}>;
+@group(0) @binding(1) var<storage, read> y_out: array<${word}>;
+@group(0) @binding(2) var<storage, read> g: array<${word}>;
+@group(0) @binding(3) var<storage, read_write> out: array<${word}>;`,
+    `_ = arrayLength(&a) + arrayLength(&y_out);
+  let x = ${x}; let y = ${y};
+  out[i] = g[i] * ${vector ? perComponent("unary_df", ["x", "y"]) : "unary_df(x, y)"};`,
+    unaryFunctions(op),
   );
 }
 
 export type BinaryOp = "add" | "sub" | "mul" | "div";
 const BINARY_EXPR: Record<BinaryOp, string> = { add: "x + y", sub: "x - y", mul: "x * y", div: "x / y" };
 
-/** WGSL statements that compute `${name}` (flat index into an operand) from the output index `i`. */
-function stridedIndex(name: string, outShape: readonly number[], strides: readonly number[]): string {
-  if (strides.every((s, d) => s === contiguousStrides(outShape)[d])) return `let ${name} = i;`;
-  const lines = [`var ${name} = 0u;`, `var rem_${name} = i;`];
+/** WGSL statements that compute `${name}` (flat index into an operand) from the output element index `index`. */
+function stridedIndex(name: string, outShape: readonly number[], strides: readonly number[], index = "i"): string {
+  if (strides.every((s, d) => s === contiguousStrides(outShape)[d])) return `let ${name} = ${index};`;
+  const lines = [`var ${name} = 0u;`, `var rem_${name} = ${index};`];
   for (let d = outShape.length - 1; d >= 0; d--) {
     const dim = outShape[d];
     if (strides[d] !== 0) lines.push(`${name} += (rem_${name} % ${dim}u) * ${strides[d]}u;`);
@@ -196,6 +270,12 @@ export function binaryKernel(
   bStrides: readonly number[],
 ): Kernel {
   const n = outShape.reduce((x, y) => x * y, 1);
+  const last = outShape.length - 1;
+  // Four outputs that are neighbours along the last axis read either four neighbours of an operand (its last stride
+  // is 1) or one value of it four times (stride 0, broadcast along the last axis).
+  if (last >= 0 && outShape[last] % 4 === 0 && [aStrides, bStrides].every((s) => s[last] <= 1)) {
+    return binaryKernelVec4(op, outShape, aStrides, bStrides);
+  }
   return elementwise(
     `binary/${op}/${outShape}/${aStrides}/${bStrides}`,
     n,
@@ -208,37 +288,105 @@ export function binaryKernel(
   );
 }
 
+function binaryKernelVec4(
+  op: BinaryOp,
+  outShape: readonly number[],
+  aStrides: readonly number[],
+  bStrides: readonly number[],
+): Kernel {
+  const n = outShape.reduce((x, y) => x * y, 1);
+  const last = outShape.length - 1;
+  const operand = (name: string, binding: number, strides: readonly number[]) => {
+    const words = strides[last] === 1;
+    return {
+      decl: `@group(0) @binding(${binding}) var<storage, read> ${name}: array<${words ? "vec4<f32>" : "f32"}>;`,
+      index: stridedIndex(`i${name}`, outShape, strides, "e"),
+      value: words ? `${name}[i${name} / 4u]` : `vec4<f32>(${name}[i${name}])`,
+    };
+  };
+  const a = operand("a", 0, aStrides);
+  const b = operand("b", 1, bStrides);
+  return elementwiseVec4(
+    `binary4/${op}/${outShape}/${aStrides}/${bStrides}`,
+    n,
+    `${a.decl}
+${b.decl}
+@group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;`,
+    `let e = i * 4u;
+  ${a.index}
+  ${b.index}
+  let x = ${a.value}; let y = ${b.value}; out[i] = ${BINARY_EXPR[op]};`,
+  );
+}
+
 /**
- * out[j] = sum of `input` over the axes marked in `reduced` (out has those axes removed). One invocation per output
- * element walks the reduced elements; the reduced axes are enumerated by a flattened counter.
+ * One pass of a sum over the middle axis of [outer, rows, cols]: the rows are cut into chunks of `rowsPerChunk` and
+ * out[o, chunk, c] = scale * (sum of the chunk's rows). Any reduction over axes is a few of these passes (see
+ * `sumAxesForward`); several chunks keep every core busy where one loop over all rows per output would not.
  */
-export function sumAxesKernel(inShape: readonly number[], reduced: readonly boolean[], scale = 1): Kernel {
-  const strides = contiguousStrides(inShape);
-  const keptAxes = inShape.map((_, d) => d).filter((d) => !reduced[d]);
-  const redAxes = inShape.map((_, d) => d).filter((d) => reduced[d]);
-  const nOut = keptAxes.reduce((p, d) => p * inShape[d], 1);
-  const nRed = redAxes.reduce((p, d) => p * inShape[d], 1);
-  const base = ["var base = 0u;", "var rem = i;"];
-  for (let k = keptAxes.length - 1; k >= 0; k--) {
-    const d = keptAxes[k];
-    base.push(`base += (rem % ${inShape[d]}u) * ${strides[d]}u; rem = rem / ${inShape[d]}u;`);
-  }
-  const inner = ["var off = 0u;", "var r = j;"];
-  for (let k = redAxes.length - 1; k >= 0; k--) {
-    const d = redAxes[k];
-    inner.push(`off += (r % ${inShape[d]}u) * ${strides[d]}u; r = r / ${inShape[d]}u;`);
-  }
-  return elementwise(
-    `sum_axes/${inShape}/${reduced.map(Number).join("")}/${scale}`,
-    nOut,
-    `@group(0) @binding(0) var<storage, read> a: array<f32>;
+export interface ChunkSum {
+  outer: number;
+  rows: number;
+  cols: number;
+  rowsPerChunk: number;
+  scale: number;
+}
+
+export function chunkCount(p: ChunkSum): number {
+  return Math.ceil(p.rows / p.rowsPerChunk);
+}
+
+/**
+ * How a pass walks memory: `columns4` gives each invocation a vec4 of neighbouring columns (neighbouring invocations
+ * read neighbouring words), `rows4` (one column, rows of whole words) a run of 4 rows per load, `scalar` one float.
+ */
+function chunkSumMode(p: ChunkSum): "columns4" | "rows4" | "scalar" {
+  if (p.cols % 4 === 0) return "columns4";
+  if (p.cols === 1 && p.rows % 4 === 0 && p.rowsPerChunk % 4 === 0) return "rows4";
+  return "scalar";
+}
+
+/** Workgroups of a `chunkSumKernel` dispatch (one invocation per output word). */
+export function chunkSumWorkgroups(p: ChunkSum): number {
+  return elementGroups(p.outer * chunkCount(p) * p.cols);
+}
+
+export function chunkSumKernel(p: ChunkSum): Kernel {
+  const mode = chunkSumMode(p);
+  const chunks = chunkCount(p);
+  const { outer, rows, cols, rowsPerChunk } = p;
+  const key = `sum_chunks/${outer}/${rows}/${cols}/${rowsPerChunk}/${p.scale}`;
+  const outputs = outer * chunks * cols;
+  const scale = f32lit(p.scale);
+  if (mode === "rows4") {
+    return elementwise(
+      key,
+      outputs,
+      `@group(0) @binding(0) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;`,
-    `${base.join("\n  ")}
-  var acc = 0.0;
-  for (var j = 0u; j < ${nRed}u; j++) {
-    ${inner.join("\n    ")}
-    acc += a[base + off];
+      `let chunk = i % ${chunks}u;
+  let base = (i / ${chunks}u) * ${rows / 4}u;
+  let first = chunk * ${rowsPerChunk / 4}u;
+  let last = min(first + ${rowsPerChunk / 4}u, ${rows / 4}u);
+  var acc = vec4<f32>(0.0);
+  for (var r = first; r < last; r++) { acc += a[base + r]; }
+  out[i] = ((acc.x + acc.y) + (acc.z + acc.w)) * ${scale};`,
+    );
   }
-  out[i] = acc * ${f32lit(scale)};`,
+  const words = mode === "columns4" ? cols / 4 : cols;
+  const word = mode === "columns4" ? "vec4<f32>" : "f32";
+  return (mode === "columns4" ? elementwiseVec4 : elementwise)(
+    key,
+    outputs,
+    `@group(0) @binding(0) var<storage, read> a: array<${word}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${word}>;`,
+    `let col = i % ${words}u;
+  let chunk = (i / ${words}u) % ${chunks}u;
+  let base = (i / ${words * chunks}u) * ${rows * words}u + col;
+  let first = chunk * ${rowsPerChunk}u;
+  let last = min(first + ${rowsPerChunk}u, ${rows}u);
+  var acc = ${word}(0.0);
+  for (var r = first; r < last; r++) { acc += a[base + r * ${words}u]; }
+  out[i] = acc * ${scale};`,
   );
 }

@@ -2,8 +2,11 @@ import {
   binaryKernel,
   type BinaryOp,
   broadcastStrides,
+  chunkCount,
+  type ChunkSum,
+  chunkSumKernel,
+  chunkSumWorkgroups,
   elementGroups,
-  sumAxesKernel,
   unaryBackwardKernel,
   unaryKernel,
   type UnaryOp,
@@ -28,13 +31,71 @@ export function broadcastShapes(a: Shape, b: Shape): number[] {
 
 // ---- sums over axes ----
 
-/** Sums over the marked axes of `a` (removed from the result); `scale` multiplies the result (mean = 1/count). */
+// A pass gives each output word its own chunk of rows: enough chunks that about this many invocations share the
+// work, each summing at least MIN_ROWS_PER_CHUNK rows; at most SINGLE_PASS_ROWS rows are summed in one pass.
+const TARGET_INVOCATIONS = 16384;
+const MIN_ROWS_PER_CHUNK = 64;
+const SINGLE_PASS_ROWS = 256;
+
+/** Rows per chunk for one pass over [outer, rows, cols]. */
+function rowsPerChunk(outer: number, rows: number, cols: number): number {
+  const words = outer * (cols % 4 === 0 ? cols / 4 : cols);
+  if (rows <= SINGLE_PASS_ROWS || words >= TARGET_INVOCATIONS) return rows;
+  const perChunk = Math.max(MIN_ROWS_PER_CHUNK, Math.ceil(rows / Math.ceil(TARGET_INVOCATIONS / words)));
+  // A single column reads runs of 4 rows as one word when chunks start on whole words.
+  return cols === 1 ? Math.ceil(perChunk / 4) * 4 : perChunk;
+}
+
+/** The shape with size-1 axes dropped and neighbouring axes of the same kind (summed or kept) merged. */
+function mergeAxes(shape: Shape, reduced: readonly boolean[]): { sizes: number[]; summed: boolean[] } {
+  const sizes: number[] = [];
+  const summed: boolean[] = [];
+  shape.forEach((d, i) => {
+    if (d === 1) return;
+    if (summed.length && summed[summed.length - 1] === reduced[i]) sizes[sizes.length - 1] *= d;
+    else {
+      sizes.push(d);
+      summed.push(reduced[i]);
+    }
+  });
+  return { sizes, summed };
+}
+
+/**
+ * Sums over the marked axes of `a` (removed from the result); `scale` multiplies the result (mean = 1/count).
+ * The innermost summed axis goes first, as [outer, rows, cols] with rows summed in chunks, pass after pass, until one
+ * chunk is left; then the next summed axis. The order of additions is fixed, so results are deterministic.
+ */
 export function sumAxesForward(a: Tensor, reduced: readonly boolean[], scale = 1): Tensor {
   const outShape = a.shape.filter((_, d) => !reduced[d]);
-  const out = empty(a.gpu, outShape);
-  const n = out.size;
-  a.gpu.dispatch(sumAxesKernel(a.shape, reduced, scale), [a.buffer, out.buffer], elementGroups(n));
-  return out;
+  if (a.size === 0) return full(a.gpu, outShape, 0);
+  let { sizes, summed } = mergeAxes(a.shape, reduced);
+  if (!summed.includes(true)) {
+    // Nothing to add up: out = a * scale, as a pass over a single row.
+    sizes = [1, a.size];
+    summed = [true, false];
+  }
+  let current = a;
+  while (summed.includes(true)) {
+    const axis = summed.lastIndexOf(true);
+    const outer = sizes.slice(0, axis).reduce((p, d) => p * d, 1);
+    const cols = sizes.slice(axis + 1).reduce((p, d) => p * d, 1);
+    let rows = sizes[axis];
+    const lastAxis = summed.indexOf(true) === axis;
+    do {
+      const perChunk = rowsPerChunk(outer, rows, cols);
+      const pass: ChunkSum = { outer, rows, cols, rowsPerChunk: perChunk, scale: 1 };
+      const chunks = chunkCount(pass);
+      if (chunks === 1 && lastAxis) pass.scale = scale;
+      const next = chunks === 1 && lastAxis ? empty(a.gpu, outShape) : empty(a.gpu, [outer * chunks * cols]);
+      a.gpu.dispatch(chunkSumKernel(pass), [current.buffer, next.buffer], chunkSumWorkgroups(pass));
+      if (current !== a) current.dispose();
+      current = next;
+      rows = chunks;
+    } while (rows > 1);
+    ({ sizes, summed } = mergeAxes(sizes.filter((_, d) => d !== axis), summed.filter((_, d) => d !== axis)));
+  }
+  return current;
 }
 
 /** Sums a broadcast gradient back to the operand's shape. */

@@ -1,0 +1,162 @@
+/**
+ * Where a training step's GPU time goes: runs whole training steps (forward, backward, AdamW; one submission each) of
+ * a model on synthetic data and prints GPU time per kernel family from per-dispatch timestamps, plus the wall time of
+ * unprofiled steps. A family is the first segment of a kernel key (`sum_axes/8320,512/10/1` -> `sum_axes`).
+ *
+ *   deno run -A bench/profile_step.ts [--model emoji-tiny] [--batch 128] [--warmup 2] [--steps 3] [--top 15]
+ *                                     [--json FILE]
+ *
+ * Profiled steps put every dispatch in a pass of its own, so their total is a little above an unprofiled step's. On a
+ * shared machine the minimum over steps is the steadier number; both minimum and median are printed.
+ */
+import { parseArgs } from "node:util";
+import type { Batch } from "../lib/data/loader.ts";
+import { getGpu } from "../lib/gpu/runtime.ts";
+import type { ClipModel } from "../lib/nn/clip.ts";
+import { loadModel } from "../lib/nn/load.ts";
+import { Scope } from "../lib/tensor/tensor.ts";
+import { AdamW, OPEN_CLIP_ADAMW } from "../lib/train/optimizer.ts";
+import { recordStep } from "../lib/train/step.ts";
+
+const SOT = 49406;
+const EOT = 49407;
+
+interface FamilyTimes {
+  dispatches: number;
+  /** GPU milliseconds of this family in each profiled step. */
+  perStep: number[];
+}
+
+/** A reproducible batch of noise images and captions of varying length. */
+function syntheticBatch(model: ClipModel, size: number, seed: number): Batch {
+  const side = model.config.vision_cfg.image_size;
+  const ctx = model.config.text_cfg.context_length;
+  const vocab = model.config.text_cfg.vocab_size;
+  let s = seed >>> 0;
+  const next = () => (s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32;
+  const images = new Float32Array(size * 3 * side * side).map(() => 2 * next() - 1);
+  const tokens = new Int32Array(size * ctx);
+  for (let b = 0; b < size; b++) {
+    const length = 2 + Math.floor(next() * (ctx - 2));
+    tokens[b * ctx] = SOT;
+    for (let t = 1; t < length - 1; t++) tokens[b * ctx + t] = 1 + Math.floor(next() * (vocab - 3));
+    tokens[b * ctx + length - 1] = EOT;
+  }
+  return {
+    images,
+    tokens,
+    keys: [],
+    captions: [],
+    labels: new Int32Array(size).fill(-1),
+    shards: [],
+    size,
+    position: { shard: 0, sample: 0 },
+  } as unknown as Batch;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
+const fmt = (ms: number) => ms.toFixed(1).padStart(9);
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      model: { type: "string", default: "emoji-tiny" },
+      batch: { type: "string", default: "128" },
+      warmup: { type: "string", default: "2" },
+      steps: { type: "string", default: "3" },
+      top: { type: "string", default: "15" },
+      json: { type: "string" },
+    },
+  });
+  const batchSize = Number(values.batch);
+  const warmup = Number(values.warmup);
+  const steps = Number(values.steps);
+  const top = Number(values.top);
+  if (![batchSize, warmup, steps, top].every((v) => Number.isInteger(v) && v >= 0) || batchSize < 1 || steps < 1) {
+    console.error("--batch and --steps must be positive integers, --warmup and --top non-negative");
+    return 2;
+  }
+  const gpu = await getGpu();
+  const { model } = await loadModel(gpu, values.model!);
+  const optimizer = new AdamW(gpu, model.params.trainable(), OPEN_CLIP_ADAMW);
+  const batch = syntheticBatch(model, batchSize, 1);
+  console.log(`adapter: ${gpu.adapter.description} | ${values.model} | batch ${batchSize}`);
+
+  const runStep = async (): Promise<{ ms: number; loss: number; dispatches: number }> => {
+    const before = gpu.stats.dispatches;
+    const start = performance.now();
+    const scope = new Scope();
+    try {
+      const loss = await recordStep(model, optimizer, [batch], 1e-4).item();
+      return { ms: performance.now() - start, loss, dispatches: gpu.stats.dispatches - before };
+    } finally {
+      scope.end();
+    }
+  };
+
+  for (let i = 0; i < warmup; i++) {
+    const r = await runStep();
+    console.log(`warm-up step ${i}: ${r.ms.toFixed(0)} ms, loss ${r.loss.toFixed(5)}, ${r.dispatches} dispatches`);
+  }
+  const wall: number[] = [];
+  for (let i = 0; i < steps; i++) wall.push((await runStep()).ms);
+
+  const families = new Map<string, FamilyTimes>();
+  const slowest: { key: string; ms: number }[] = [];
+  const gpuTotals: number[] = [];
+  for (let i = 0; i < steps; i++) {
+    // A query set holds at most 4096 timestamps, two per dispatch: steps of more dispatches are timed in part.
+    gpu.startProfiling(2048);
+    await runStep();
+    const times = await gpu.stopProfiling();
+    gpuTotals.push(times.reduce((a, t) => a + t.ms, 0));
+    const stepFamilies = new Map<string, number>();
+    for (const t of times) {
+      const family = t.key.split("/")[0];
+      stepFamilies.set(family, (stepFamilies.get(family) ?? 0) + t.ms);
+      if (i === 0) {
+        const f = families.get(family) ?? { dispatches: 0, perStep: [] };
+        f.dispatches++;
+        families.set(family, f);
+      }
+    }
+    for (const [family, ms] of stepFamilies) families.get(family)?.perStep.push(ms);
+    if (i === 0) slowest.push(...times);
+  }
+
+  console.log(
+    `wall time per step (unprofiled): min ${Math.min(...wall).toFixed(0)} ms, median ${median(wall).toFixed(0)} ms` +
+      ` | GPU time per profiled step: min ${Math.min(...gpuTotals).toFixed(0)} ms, median ${
+        median(gpuTotals).toFixed(0)
+      } ms`,
+  );
+  console.log(`${"family".padEnd(28)} ${"n".padStart(5)} ${"min ms".padStart(9)} ${"median".padStart(9)}`);
+  const rows = [...families].map(([family, f]) => ({
+    family,
+    dispatches: f.dispatches,
+    minMs: Math.min(...f.perStep),
+    medianMs: median(f.perStep),
+  })).sort((a, b) => b.medianMs - a.medianMs);
+  for (const r of rows) {
+    console.log(`${r.family.padEnd(28)} ${String(r.dispatches).padStart(5)} ${fmt(r.minMs)} ${fmt(r.medianMs)}`);
+  }
+  if (top > 0) {
+    console.log(`slowest dispatches of the first profiled step:`);
+    for (const t of slowest.sort((a, b) => b.ms - a.ms).slice(0, top)) console.log(`${fmt(t.ms)}  ${t.key}`);
+  }
+  if (values.json) {
+    const report = {
+      adapter: gpu.adapter.description,
+      model: values.model,
+      batch: batchSize,
+      wallMs: wall,
+      gpuMs: gpuTotals,
+      families: rows,
+    };
+    await Deno.writeTextFile(values.json, JSON.stringify(report, null, 2) + "\n");
+  }
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main());
