@@ -73,11 +73,13 @@ partitioning (several processes or machines; the merge gives exactly the metrics
   --shard-index I --shard-count N   this process's partition. Without them it comes from the scheduler's environment:
                          Kubernetes Indexed Jobs (JOB_COMPLETION_INDEX with CLIP_SHARD_COUNT or JOB_COMPLETIONS) or
                          Slurm arrays (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT); otherwise all parts run here.
+                         A process given a partition of more than one needs --out.
   --merge DIR            once every partition has finished (their DIRs copied together, or one shared DIR): read all
-                         parts and print the metrics. Needs no model or GPU: the evaluation is recorded in DIR/plan.json.
-                         Fails naming the partitions whose parts are missing.
+                         parts and print the metrics. Needs no model or GPU: the evaluation is recorded in
+                         DIR/plan.json. Fails naming the partitions whose parts are missing.
 
-Each part is batched on its own, in a single run as in a partition, so the merged metrics equal a single run's.
+Each part is batched on its own, in a single run as in a partition, so on the same kind of device the merged metrics
+equal a single run's exactly.
 Ties in scores count against the model (a deterministic choice; torch.topk breaks them arbitrarily).`;
 
 const FLAGS = {
