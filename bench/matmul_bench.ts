@@ -4,6 +4,7 @@
  * queue, best of three; n is chosen so that a submission holds about 0.35 s of work, which keeps the ~11 ms poll
  * interval of the wait under a few percent.
  */
+import process from "node:process";
 import type { Gpu } from "../lib/gpu/runtime.ts";
 import { fillKernel } from "../kernels/elementwise.ts";
 import {
@@ -31,8 +32,16 @@ export interface BenchRow {
 
 const TARGET_SECONDS = 0.35;
 
-/** Milliseconds per operation: n operations in one submission, one wait, best of `repeats`. */
-export async function timePerOp(gpu: Gpu, record: () => void, repeats = 3): Promise<{ ms: number; n: number }> {
+/**
+ * Milliseconds per operation: n operations in one submission, one wait, best of `repeats`. `cpuMs` is the process's
+ * CPU time per operation in the same best run: on the CPU back end the driver's threads run in this process, so
+ * work / cpuMs tells the speed per busy core even when other programs share the cores.
+ */
+export async function timePerOp(
+  gpu: Gpu,
+  record: () => void,
+  repeats = 3,
+): Promise<{ ms: number; cpuMs: number; n: number }> {
   record(); // compile and allocate outside the timed submissions
   await gpu.sync();
   let start = performance.now();
@@ -41,13 +50,20 @@ export async function timePerOp(gpu: Gpu, record: () => void, repeats = 3): Prom
   const single = performance.now() - start;
   const n = Math.max(2, Math.min(1000, Math.round(TARGET_SECONDS * 1000 / Math.max(single, 0.01))));
   let best = Infinity;
+  let bestCpu = Infinity;
   for (let r = 0; r < repeats; r++) {
     start = performance.now();
+    const cpuStart = process.cpuUsage();
     for (let i = 0; i < n; i++) record();
     await gpu.sync();
-    best = Math.min(best, (performance.now() - start) / n);
+    const ms = (performance.now() - start) / n;
+    const cpu = process.cpuUsage(cpuStart);
+    if (ms < best) {
+      best = ms;
+      bestCpu = (cpu.user + cpu.system) / 1000 / n;
+    }
   }
-  return { ms: best, n };
+  return { ms: best, cpuMs: bestCpu, n };
 }
 
 function uniformRandom(count: number, seed: number): Float32Array {
@@ -115,13 +131,19 @@ async function benchMatmulCase(gpu: Gpu, c: MatmulCase): Promise<BenchRow> {
     const opts: MatmulOptions = { ...c.opts };
     if (c.bias) opts.bias = fromArray(gpu, uniformRandom(c.n, 3), [c.n]);
     const plan = planMatmul(a, b, opts);
-    const { ms, n } = await timePerOp(gpu, () => matmulForward(a, b, opts).out.dispose());
-    const gflops = 2 * c.batch * c.m * c.n * c.k / (ms * 1e6);
+    const { ms, cpuMs, n } = await timePerOp(gpu, () => matmulForward(a, b, opts).out.dispose());
+    const flop = 2 * c.batch * c.m * c.n * c.k;
+    // On the CPU back end: the speed per busy core, scaled to all cores, which is what an idle machine would give.
+    const idle = gpu.adapter.isSoftware
+      ? `; ${
+        (flop / (cpuMs * 1e6) * navigator.hardwareConcurrency).toFixed(0)
+      } per CPU time x ${navigator.hardwareConcurrency} cores`
+      : "";
     return row(
       c.name,
       "GFLOP/s",
-      gflops,
-      `${c.describe}; ${plan.path} path; ${ms.toFixed(2)} ms each, ${n} per submit`,
+      flop / (ms * 1e6),
+      `${c.describe}; ${plan.path} path; ${ms.toFixed(2)} ms each, ${n} per submit${idle}`,
     );
   });
 }

@@ -221,6 +221,14 @@ Deno.test("operand layouts: padding, segments and when a plain copy fills the te
     [0, 0, TEXTURE_SEGMENT_ROWS],
     [(TEXTURE_SEGMENT_ROWS - 32) * 256, 16, 16400 - (TEXTURE_SEGMENT_ROWS - 32)],
   ]);
+  // A tile may start on any row, so a last segment can be needed for the final rows even when the previous one
+  // reaches the end.
+  const edge = operandLayout(2 * (TEXTURE_SEGMENT_ROWS - 32) + 1, 64, 1, "tile", 32, 8);
+  assert.deepEqual(operandCopies(edge).map((c) => [c.x, c.height]), [
+    [0, TEXTURE_SEGMENT_ROWS],
+    [16, TEXTURE_SEGMENT_ROWS - 31],
+    [32, 1],
+  ]);
   assert.equal(operandLayout(37, 128, 1, "k", 8, 32).copied, false, "k rows need zero padding to 8");
   assert.equal(operandLayout(32, 96, 1, "k", 8, 32).copied, false, "copied rows must be 256-byte aligned");
 });

@@ -20,7 +20,6 @@ import {
   type TextureMatmulSpec,
   textureMatmulUniforms,
   textureMatmulWorkgroups,
-  type TextureOperandBinding,
 } from "../../../kernels/matmul_texture.ts";
 import type { AdapterSummary } from "../../gpu/device.ts";
 import type { Gpu } from "../../gpu/runtime.ts";
@@ -102,11 +101,19 @@ export function setMatmulPath(path: MatmulPath): MatmulPath {
 
 /**
  * The CPU back end takes the texture path from this many multiply-adds. Measured on llvmpipe (2 cores, 16 lanes),
- * per product: 32^3 buffer 0.22 ms / texture 0.24 ms, 64^3 0.72 / 0.21, 128^3 4.9 / 0.37, 50x768x768 131 / 2.8.
- * Break-even is near 32^3; the bar sits at 64^3 so that tiny products (unit tests, toy models) do not pay the
- * texture kernel's first compile (about 10 s per orientation until Mesa's disk cache holds it).
+ * per product, buffer kernel / texture path: 32^3 0.10 / 0.25 ms, 64^3 0.42 / 0.17, 128^3 5.9 / 0.51,
+ * 50x768x768 76 / 2.8 (bench/README.md). Break-even lies between 32^3 and 64^3; the bar sits at 64^3, which also
+ * keeps tiny products (unit tests, toy models) from paying the texture kernel's first compile (about 10 s per
+ * orientation until Mesa's disk cache holds it).
  */
 export const TEXTURE_MATMUL_MIN_MACS = 1 << 18;
+
+/**
+ * 32x32 outputs per invocation was the fastest tile measured on llvmpipe. Narrow products need no narrower tile:
+ * invocations run over (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
+ * One tile also means one multi-second compile.
+ */
+const TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
 
 /** How `matmulForward` will run a product: the kernel path and, for the texture path, its tile and layouts. */
 export interface MatmulPlan {
@@ -150,21 +157,9 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
   };
 }
 
-/** The one texture-kernel specialisation an adapter runs (benchmarks use it to time its first compile). */
+/** The texture-kernel specialisation an adapter runs for an operand orientation (benchmarks time its compile). */
 export function textureSpecFor(adapter: AdapterSummary, transA = false, transB = false): TextureMatmulSpec {
-  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, binding: textureBinding(adapter.backend), transA, transB };
-}
-
-/**
- * 32x32 outputs per invocation was the fastest tile measured on llvmpipe. Narrow products need no narrower tile:
- * invocations run over (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
- * One tile also means one multi-second compile.
- */
-const TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
-
-/** Read-only storage textures measured about 20% faster than sampled ones, and both Mesa back ends accept them. */
-function textureBinding(_backend: string): TextureOperandBinding {
-  return "storage";
+  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, transA, transB };
 }
 
 /** Records one matmul without autograd; returns the output and, if asked, the pre-activation values. */
@@ -314,7 +309,7 @@ class TexturePool {
     const texture = this.device.createTexture({
       size: [w, h],
       format: "rgba32float",
-      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
       label: `matmul operand ${sizeKey}`,
     });
     return { texture, view: texture.createView(), sizeKey };
