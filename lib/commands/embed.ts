@@ -1,10 +1,11 @@
-import { UsageError } from "../errors.ts";
+import { ClipError, UsageError } from "../errors.ts";
 import { partitionFromEnv } from "../data/shards.ts";
 import { ClipTokenizer } from "../data/tokenizer.ts";
-import { type EmbedPlan, inputCount, kindsOf, planParts, runEmbedJob } from "../eval/embed_job.ts";
+import { type EmbedPlan, inputCount, kindsOf, type Part, planParts, runEmbedJob } from "../eval/embed_job.ts";
 import { isShardSpec, partsOfPartition, resolveImageSource, resolveTextSource } from "../io/embed_inputs.ts";
-import { EmbeddingsWriter } from "../io/embeddings_writer.ts";
-import { getGpu } from "../gpu/runtime.ts";
+import { type EmbeddingKind, EmbeddingsWriter, partPaths } from "../io/embeddings_writer.ts";
+import { getGpu, GpuLimitError } from "../gpu/runtime.ts";
+import { ensureWritableFolder, writeFailureError } from "../io/output_folder.ts";
 import { loadModel } from "../nn/load.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
 import { datasetSampleCount } from "./dataset_info.ts";
@@ -115,7 +116,7 @@ export const embedCommand: Command = {
 
     const all = planParts(plan, partSize);
     const mine = partsOfPartition(all.length, partition.index, partition.count).map((i) => all[i]);
-    const todo = [];
+    const todo: Part[] = [];
     for (const part of mine) if (!(await writer.isDone(part.name))) todo.push(part);
     const where = partition.count > 1
       ? `partition ${partition.index} of ${partition.count} (${partition.source}): `
@@ -126,6 +127,7 @@ export const embedCommand: Command = {
       } already done, ${todo.length} to embed`,
     );
     if (todo.length === 0) return 0;
+    await ensureWritableFolder(out, "--out");
 
     const gpu = await getGpu();
     const { model, preprocess, source } = await loadModel(gpu, v.model!);
@@ -136,7 +138,7 @@ export const embedCommand: Command = {
     console.error(`embedding with ${v.model} (${source}), ${model.config.embed_dim} dims, into ${out}`);
     const progress = new Progress(unit, total);
     let started = 0;
-    const summary = await runEmbedJob(plan, {
+    const job = runEmbedJob(plan, {
       model,
       preprocess,
       tokenizer,
@@ -156,6 +158,15 @@ export const embedCommand: Command = {
       },
       onWarning: (m) => progress.note(`warning: ${m}`),
     });
+    const summary = await job.catch(async (e) => {
+      if (e instanceof GpuLimitError) {
+        throw new ClipError(
+          `embed: ${e.message}; try --batch-size ${e.suggestedBatchSize(batchSize)} (now ${batchSize})`,
+        );
+      }
+      await removePartialFiles(out, todo.map((p) => p.name), kindsOf(plan));
+      throw writeFailureError(e, out, "finished parts are kept: free space, then run the same command again");
+    });
     progress.finish();
     const lines = [
       `wrote ${summary.written} parts, ${summary.rows} rows in ${formatDuration(progress.seconds)} (${
@@ -171,3 +182,16 @@ export const embedCommand: Command = {
     return summary.failed.length > 0 ? 1 : 0;
   },
 };
+
+/**
+ * Drops the `.partial` files of this run's parts after a failed write, so nothing half-written stays on a full disk.
+ * Only this run's parts: other processes may be writing other parts of the same folder.
+ */
+async function removePartialFiles(out: string, parts: string[], kinds: EmbeddingKind[]): Promise<void> {
+  for (const part of parts) {
+    const paths = partPaths(out, part);
+    for (const path of [paths.metadata, paths.skipped, ...kinds.map(paths.npy)]) {
+      await Deno.remove(`${path}.partial`).catch(() => {});
+    }
+  }
+}

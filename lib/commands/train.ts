@@ -5,7 +5,8 @@ import { validateShards } from "../data/webdataset.ts";
 import { IMAGE_EXTENSIONS } from "../data/webdataset.ts";
 import { classificationMetrics, retrievalRecall, similarity } from "../eval/metrics.ts";
 import { embedShards, zeroShotClassifier } from "../eval/embed_data.ts";
-import { getGpu } from "../gpu/runtime.ts";
+import { getGpu, GpuLimitError } from "../gpu/runtime.ts";
+import { ensureWritableFolder, writeFailureError } from "../io/output_folder.ts";
 import { loadModel } from "../nn/load.ts";
 import { findLatestCheckpoint } from "../train/checkpoint.ts";
 import { OPEN_CLIP_ADAMW } from "../train/optimizer.ts";
@@ -87,12 +88,31 @@ interface LogLine {
   [k: string]: unknown;
 }
 
+/** The log's lines; a line cut short by a kill is dropped rather than costing the whole log. */
 async function readLog(path: string): Promise<LogLine[]> {
+  let text: string;
   try {
-    return (await Deno.readTextFile(path)).split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    text = await Deno.readTextFile(path);
   } catch {
     return [];
   }
+  const lines: LogLine[] = [];
+  for (const line of text.split("\n")) {
+    if (!line) continue;
+    try {
+      lines.push(JSON.parse(line));
+    } catch {
+      // A partial last line from an interrupted write: that step is run again after the resume anyway.
+    }
+  }
+  return lines;
+}
+
+/** Replaces a file's contents so that a kill leaves the old contents or the new, never a truncated file. */
+async function replaceTextFile(path: string, text: string): Promise<void> {
+  const tmp = `${path}.tmp-${Deno.pid}`;
+  await Deno.writeTextFile(tmp, text);
+  await Deno.rename(tmp, path);
 }
 
 function formatDuration(seconds: number): string {
@@ -164,6 +184,7 @@ export const trainCommand: Command = {
       );
     }
     const valShards = v["val-data"] ? expandShards(v["val-data"]) : null;
+    await ensureWritableFolder(out, "--out");
 
     let resume: string | null = null;
     if (v.resume) {
@@ -183,7 +204,7 @@ export const trainCommand: Command = {
     const resumeStep = resume ? JSON.parse(await Deno.readTextFile(`${resume}/state.json`)).step as number : 0;
     // A new run starts a new log; a resumed one drops the lines of steps after its checkpoint (they run again).
     log = resume ? log.filter((l) => l.step <= resumeStep) : [];
-    await Deno.writeTextFile(logPath, log.map((l) => JSON.stringify(l) + "\n").join(""));
+    await replaceTextFile(logPath, log.map((l) => JSON.stringify(l) + "\n").join(""));
     const logFile = await Deno.open(logPath, { append: true });
     const encoder = new TextEncoder();
 
@@ -323,6 +344,17 @@ export const trainCommand: Command = {
         ].filter(Boolean).join("\n  "),
       );
       return 0;
+    } catch (e) {
+      if (e instanceof GpuLimitError) {
+        const smaller = e.suggestedBatchSize(batchSize);
+        throw new ClipError(
+          smaller >= 2
+            ? `train: ${e.message}; try --batch-size ${smaller} (now ${batchSize}), with --accum-freq to keep the ` +
+              "effective batch"
+            : `train: ${e.message}, even at the smallest batch; use a smaller model or a device with larger limits`,
+        );
+      }
+      throw writeFailureError(e, out, "the last complete checkpoint is kept: free space, then --resume latest");
     } finally {
       for (const s of signals) Deno.removeSignalListener(s, onSignal);
       logFile.close();

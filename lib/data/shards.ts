@@ -199,11 +199,29 @@ export interface OpenShardOptions {
   timeoutMs?: number;
   /** Milliseconds an HTTP body may go without delivering a chunk before the download is abandoned. Default 60 s. */
   stallTimeoutMs?: number;
+  /**
+   * Further attempts after a transient failure of an HTTP shard: a connection error, a timeout, a stall, HTTP 5xx,
+   * 408 or 429, or a body cut off mid-way (resumed with a Range request where the server allows it). Default 3.
+   */
+  retries?: number;
+  /** Wait before the first retry, doubled before each further one (plus up to 20% jitter). Default 500 ms. */
+  backoffMs?: number;
+  /** Told about each retry before its wait, for logs. */
+  onRetry?: (retry: ShardRetry) => void;
+}
+
+export interface ShardRetry {
+  url: string;
+  /** 1 for the first retry. */
+  attempt: number;
+  delayMs: number;
+  /** What failed. */
+  reason: string;
 }
 
 /** Opens a shard as a byte stream. Throws ClipError if the file is missing or the server cannot be reached or errs. */
 export async function openShard(location: string, opts: OpenShardOptions = {}): Promise<ReadableStream<Uint8Array>> {
-  if (isUrl(location)) return await fetchShard(location, opts.timeoutMs ?? 30_000, opts.stallTimeoutMs ?? 60_000);
+  if (isUrl(location)) return await new ShardDownload(location, opts).open();
   const path = localPath(location);
   try {
     const file = await Deno.open(path, { read: true });
@@ -216,54 +234,169 @@ export async function openShard(location: string, opts: OpenShardOptions = {}): 
   }
 }
 
-async function fetchShard(url: string, timeoutMs: number, stallTimeoutMs: number): Promise<ReadableStream<Uint8Array>> {
-  const controller = new AbortController();
-  const timer = setTimeout(() => controller.abort(), timeoutMs);
-  let response: Response;
-  try {
-    response = await fetch(url, { signal: controller.signal });
-  } catch (e) {
-    const reason = controller.signal.aborted ? `no response within ${timeoutMs} ms` : (e as Error).message;
-    throw new ClipError(`cannot fetch shard ${url}: ${reason}`);
-  } finally {
-    clearTimeout(timer);
-  }
-  if (!response.ok || !response.body) {
-    await response.body?.cancel();
-    throw new ClipError(`cannot fetch shard ${url}: HTTP ${response.status} ${response.statusText}`.trimEnd());
-  }
-  return withStallTimeout(response.body, controller, stallTimeoutMs, url);
+/** A failure worth another attempt (the server or the network may recover), as opposed to a definite answer. */
+class TransientError extends Error {}
+
+/** Redirects must not downgrade an https shard to plain http: http is used only when the user wrote an http URL. */
+export function redirectAllowed(from: string, to: string): boolean {
+  return !(from.toLowerCase().startsWith("https:") && to.toLowerCase().startsWith("http:"));
 }
 
-/** Re-exposes a body stream, aborting the request when one read waits longer than `ms`. */
-function withStallTimeout(
-  body: ReadableStream<Uint8Array>,
-  controller: AbortController,
-  ms: number,
-  url: string,
-): ReadableStream<Uint8Array> {
-  const reader = body.getReader();
-  return new ReadableStream<Uint8Array>({
-    async pull(out) {
-      const timer = setTimeout(() => controller.abort(), ms);
+/**
+ * One HTTP shard download: retries transient failures with exponential backoff, and when the body breaks off after
+ * some bytes were handed on, continues from that byte (Range request; a server that answers 200 instead is read
+ * again from the start, skipping what was already delivered), so the tar reader sees one uninterrupted stream.
+ */
+class ShardDownload {
+  readonly #url: string;
+  readonly #timeoutMs: number;
+  readonly #stallMs: number;
+  readonly #retries: number;
+  readonly #backoffMs: number;
+  readonly #onRetry?: (retry: ShardRetry) => void;
+  #retriesUsed = 0;
+  #delivered = 0;
+  #body: ReadableStreamDefaultReader<Uint8Array> | null = null;
+  #controller: AbortController | null = null;
+  /** Bytes of a restarted (200) response still to drop because they were delivered before the break. */
+  #toSkip = 0;
+
+  constructor(url: string, opts: OpenShardOptions) {
+    this.#url = url;
+    this.#timeoutMs = opts.timeoutMs ?? 30_000;
+    this.#stallMs = opts.stallTimeoutMs ?? 60_000;
+    this.#retries = Math.max(0, opts.retries ?? 3);
+    this.#backoffMs = Math.max(0, opts.backoffMs ?? 500);
+    this.#onRetry = opts.onRetry;
+  }
+
+  async open(): Promise<ReadableStream<Uint8Array>> {
+    await this.#connectWithRetries();
+    return new ReadableStream<Uint8Array>({
+      pull: (out) => this.#pull(out),
+      cancel: (reason) => this.#body?.cancel(reason),
+    }, { highWaterMark: 0 });
+  }
+
+  async #pull(out: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
+    for (;;) {
+      let chunk: Uint8Array | undefined;
       try {
-        const { value, done } = await reader.read();
-        if (done) out.close();
-        else out.enqueue(value);
+        chunk = await this.#read();
       } catch (e) {
-        out.error(
-          controller.signal.aborted
-            ? new ClipError(`download of shard ${url} stalled: no data for ${ms} ms`)
-            : new ClipError(`download of shard ${url} failed: ${(e as Error).message}`),
-        );
-      } finally {
-        clearTimeout(timer);
+        const reason = (e as Error).message;
+        try {
+          await this.#retryAfter(reason);
+          await this.#connectWithRetries();
+        } catch (final) {
+          out.error(final);
+          return;
+        }
+        continue;
       }
-    },
-    cancel(reason) {
-      return reader.cancel(reason);
-    },
-  }, { highWaterMark: 0 });
+      if (chunk === undefined) return out.close();
+      if (this.#toSkip > 0) {
+        const drop = Math.min(this.#toSkip, chunk.length);
+        this.#toSkip -= drop;
+        chunk = chunk.subarray(drop);
+        if (chunk.length === 0) continue;
+      }
+      this.#delivered += chunk.length;
+      out.enqueue(chunk);
+      return;
+    }
+  }
+
+  /** The next body chunk, or undefined at the end; throws TransientError when the body breaks or stalls. */
+  async #read(): Promise<Uint8Array | undefined> {
+    const controller = this.#controller!;
+    let stalled = false;
+    const timer = setTimeout(() => {
+      stalled = true;
+      controller.abort();
+    }, this.#stallMs);
+    try {
+      const { value, done } = await this.#body!.read();
+      return done ? undefined : value;
+    } catch (e) {
+      throw new TransientError(
+        stalled ? `stalled: no data for ${this.#stallMs} ms` : `failed: ${(e as Error).message}`,
+      );
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Waits out the backoff before the next attempt, or throws the final ClipError when the retries are spent. */
+  async #retryAfter(reason: string): Promise<void> {
+    if (this.#retriesUsed >= this.#retries) {
+      const attempts = this.#retriesUsed + 1;
+      throw new ClipError(
+        `download of shard ${this.#url} ${reason} (gave up after ${attempts} attempt${attempts > 1 ? "s" : ""})`,
+      );
+    }
+    this.#retriesUsed++;
+    const delayMs = Math.round(this.#backoffMs * 2 ** (this.#retriesUsed - 1) * (1 + 0.2 * Math.random()));
+    this.#onRetry?.({ url: this.#url, attempt: this.#retriesUsed, delayMs, reason });
+    await new Promise((resolve) => setTimeout(resolve, delayMs));
+  }
+
+  async #connectWithRetries(): Promise<void> {
+    for (;;) {
+      try {
+        await this.#connect();
+        return;
+      } catch (e) {
+        if (!(e instanceof TransientError)) throw e;
+        await this.#retryAfter(e.message);
+      }
+    }
+  }
+
+  /** One request, from the first byte not yet delivered. Throws TransientError or, for a definite answer, ClipError. */
+  async #connect(): Promise<void> {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), this.#timeoutMs);
+    const headers: HeadersInit = this.#delivered > 0 ? { Range: `bytes=${this.#delivered}-` } : {};
+    let response: Response;
+    try {
+      response = await fetch(this.#url, { signal: controller.signal, headers });
+    } catch (e) {
+      const reason = controller.signal.aborted ? `no response within ${this.#timeoutMs} ms` : (e as Error).message;
+      throw new TransientError(`failed: ${reason}`);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (response.redirected && !redirectAllowed(this.#url, response.url)) {
+      await response.body?.cancel();
+      throw new ClipError(
+        `shard ${this.#url} redirected to plain http (${response.url}); refused: give an http:// URL to allow http`,
+      );
+    }
+    const status = `HTTP ${response.status} ${response.statusText}`.trimEnd();
+    if (!response.ok || !response.body) {
+      await response.body?.cancel();
+      const transient = response.status >= 500 || response.status === 408 || response.status === 429;
+      if (transient) throw new TransientError(`failed: ${status}`);
+      throw new ClipError(`cannot fetch shard ${this.#url}: ${status}`);
+    }
+    this.#toSkip = 0;
+    if (this.#delivered > 0) {
+      const resumedAt = response.status === 206 ? contentRangeStart(response.headers.get("content-range")) : 0;
+      if (resumedAt !== 0 && resumedAt !== this.#delivered) {
+        await response.body.cancel();
+        throw new TransientError(`failed: the server resumed at byte ${resumedAt} instead of ${this.#delivered}`);
+      }
+      if (resumedAt === 0) this.#toSkip = this.#delivered;
+    }
+    this.#body = response.body.getReader();
+    this.#controller = controller;
+  }
+}
+
+function contentRangeStart(header: string | null): number {
+  const match = header ? /^bytes (\d+)-/.exec(header) : null;
+  return match ? Number(match[1]) : -1;
 }
 
 /** Shard i goes to partition i % count: deterministic, balanced to within one shard, and independent of timing. */

@@ -2,9 +2,11 @@
  * Streaming tar reader: ustar, pax extended headers (path, size) and GNU long names, one pass, bounded memory.
  *
  * The stream is consumed chunk by chunk: headers are parsed in place from the chunk they arrive in, and each member's
- * data is copied once into an array of its exact size, so reading is linear in the archive size whatever the chunking.
- * A member larger than `maxMemberBytes` is streamed past without being allocated and reported through
- * `onSkippedMember`, so a corrupt or hostile size field cannot make the reader allocate gigabytes.
+ * data is copied once into an array of its exact size (members over 1 MiB twice: gathered as they arrive, then
+ * joined), so reading is linear in the archive size whatever the chunking. A member larger than `maxMemberBytes` is
+ * streamed past without being allocated and reported through `onSkippedMember`, and no member is allocated beyond
+ * 1 MiB before its bytes arrive, so a corrupt or hostile size field cannot make the reader allocate more than the
+ * data it actually holds.
  */
 
 /** A regular file read from the archive. `data` owns its memory (it is not a view into a stream chunk). */
@@ -41,6 +43,8 @@ export const DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024;
 /** pax and GNU long-name headers hold a few names; anything bigger means a corrupt size field. */
 const MAX_META_BYTES = 1024 * 1024;
 const BLOCK = 512;
+/** Members up to this size are allocated whole before their data arrives; larger ones grow with the data read. */
+const EAGER_MEMBER_BYTES = 1024 * 1024;
 
 const utf8 = new TextDecoder("utf-8"); // non-fatal: invalid bytes become U+FFFD instead of throwing
 
@@ -107,6 +111,39 @@ class ByteSource {
       this.offset += n;
       filled += n;
     }
+  }
+
+  /**
+   * The next `size` bytes as an array that owns its memory. Small members are read straight into an array of their
+   * exact size; larger ones are gathered piece by piece as they arrive and joined at the end, so memory follows the
+   * bytes actually present and a size field claiming far more than the stream holds allocates nothing up front.
+   */
+  async readMember(size: number, what: string): Promise<Uint8Array> {
+    if (size <= EAGER_MEMBER_BYTES) {
+      const data = new Uint8Array(size);
+      await this.readInto(data, what);
+      return data;
+    }
+    const start = this.offset;
+    const pieces: Uint8Array[] = [];
+    let got = 0;
+    while (got < size) {
+      const avail = await this.#available();
+      if (avail === 0) throw truncated(what, start, size, got);
+      const n = Math.min(avail, size - got);
+      pieces.push(this.#chunk.slice(this.#pos, this.#pos + n));
+      this.#pos += n;
+      this.offset += n;
+      got += n;
+    }
+    if (pieces.length === 1) return pieces[0];
+    const data = new Uint8Array(size);
+    let at = 0;
+    for (const piece of pieces) {
+      data.set(piece, at);
+      at += piece.length;
+    }
+    return data;
   }
 
   /** Advances `count` bytes without keeping them. */
@@ -291,8 +328,7 @@ export async function* readTar(
         opts.onSkippedMember?.({ name, size, offset });
         continue;
       }
-      const data = new Uint8Array(size);
-      await source.readInto(data, what);
+      const data = await source.readMember(size, what);
       await source.skip(padding(size), what);
       yield { name, size, data };
     }

@@ -1,3 +1,45 @@
+import { ClipError } from "../errors.ts";
+
+export type GpuLimitName = "maxBufferSize" | "maxStorageBufferBindingSize" | "memory";
+
+function formatBytes(bytes: number): string {
+  if (bytes >= 2 ** 30) return `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+  if (bytes >= 2 ** 20) return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  return `${bytes} bytes`;
+}
+
+/**
+ * Work that does not fit the device: one buffer over `maxBufferSize`, one binding over
+ * `maxStorageBufferBindingSize`, or the device's memory exhausted. Thrown before the driver is asked (for the size
+ * limits) or on the next read (out of memory), instead of a validation error that would leave every later result
+ * undefined. `suggestedBatchSize` scales a batch size down so that the request would fit.
+ */
+export class GpuLimitError extends ClipError {
+  override name = "GpuLimitError";
+  constructor(
+    readonly limit: GpuLimitName,
+    /** Bytes asked for, when known (not for out-of-memory). */
+    readonly requestedBytes: number | null,
+    /** The device's limit in bytes, when known. */
+    readonly limitBytes: number | null,
+    what: string,
+  ) {
+    super(
+      limit === "memory"
+        ? `the GPU ran out of memory (${what}): the batch does not fit this device`
+        : `${what} needs ${formatBytes(requestedBytes!)} in one GPU buffer, over this device's ${limit} of ${
+          formatBytes(limitBytes!)
+        }: the batch does not fit this device`,
+    );
+  }
+
+  /** The largest batch size that would bring the request under the limit (sizes scale with the batch), at least 1. */
+  suggestedBatchSize(batchSize: number): number {
+    const ratio = this.requestedBytes && this.limitBytes ? this.limitBytes / this.requestedBytes : 0.5;
+    return Math.max(1, Math.min(batchSize - 1, Math.floor(batchSize * ratio)));
+  }
+}
+
 /**
  * Reuses GPU buffers across steps. Sizes are rounded up to one of four classes per power of two, so a buffer serves
  * any request within 25% of its size and a training step of fixed shapes allocates nothing after its first run.
@@ -24,7 +66,15 @@ export class BufferPool {
   }
 
   acquire(bytes: number): GPUBuffer {
-    const size = BufferPool.sizeClass(bytes);
+    const limits = this.device.limits;
+    if (bytes > limits.maxBufferSize) {
+      throw new GpuLimitError("maxBufferSize", bytes, limits.maxBufferSize, "a tensor");
+    }
+    let size = BufferPool.sizeClass(bytes);
+    // Rounding up to the size class must not push a buffer that fits a limit over it.
+    for (const limit of [limits.maxStorageBufferBindingSize, limits.maxBufferSize]) {
+      if (bytes <= limit && size > limit) size = limit - (limit % 4) >= bytes ? limit - (limit % 4) : limit;
+    }
     const list = this.free.get(size);
     let buffer = list?.pop();
     if (!buffer) {

@@ -1,5 +1,5 @@
 import { ClipError } from "../errors.ts";
-import { BufferPool } from "./buffer_pool.ts";
+import { BufferPool, GpuLimitError } from "./buffer_pool.ts";
 import { type AdapterSummary, createDevice } from "./device.ts";
 
 /**
@@ -13,6 +13,8 @@ export interface Kernel {
 
 /** A buffer (whole, or a byte range of it) or a texture view bound at one binding index. */
 export type Binding = GPUBuffer | { buffer: GPUBuffer; offset?: number; size?: number } | GPUTextureView;
+
+export { GpuLimitError } from "./buffer_pool.ts";
 
 export const STORAGE_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 const MAX_WORKGROUPS = 65535;
@@ -50,6 +52,7 @@ export class Gpu {
   private uniformOffset = 0;
   private readonly uniformAlign: number;
   private firstError: string | null = null;
+  private firstErrorIsOutOfMemory = false;
   private profile: { querySet: GPUQuerySet; capacity: number; keys: string[] } | null = null;
   private lost = false;
 
@@ -57,7 +60,10 @@ export class Gpu {
     this.pool = new BufferPool(device, STORAGE_USAGE);
     this.uniformAlign = device.limits.minUniformBufferOffsetAlignment;
     device.addEventListener("uncapturederror", (e) => {
-      this.firstError ??= (e as GPUUncapturedErrorEvent).error.message;
+      if (this.firstError !== null) return;
+      const error = (e as GPUUncapturedErrorEvent).error;
+      this.firstError = error.message;
+      this.firstErrorIsOutOfMemory = error instanceof GPUOutOfMemoryError;
     });
     device.lost.then((info) => {
       this.lost = true;
@@ -146,6 +152,7 @@ export class Gpu {
     workgroups: number | [number, number?, number?],
     uniforms?: ArrayBufferView,
   ) {
+    this.checkBindingSizes(kernel, bindings);
     const { pipeline, layout } = this.compile(kernel);
     const entries: GPUBindGroupEntry[] = bindings.map((b, i) => ({ binding: i, resource: bindingResource(b) }));
     if (uniforms) entries.push({ binding: bindings.length, resource: this.stageUniforms(uniforms) });
@@ -158,6 +165,16 @@ export class Gpu {
     pass.dispatchWorkgroups(x, y ?? 1, z ?? 1);
     this.stats.dispatches++;
     if (this.profile) this.endPass();
+  }
+
+  /** A binding over the device's limit would fail validation and poison the whole submission: refuse it by name. */
+  private checkBindingSizes(kernel: Kernel, bindings: Binding[]): void {
+    const limit = this.device.limits.maxStorageBufferBindingSize;
+    for (const b of bindings) {
+      if (b instanceof GPUTextureView) continue;
+      const size = b instanceof GPUBuffer ? b.size : b.size ?? b.buffer.size - (b.offset ?? 0);
+      if (size > limit) throw new GpuLimitError("maxStorageBufferBindingSize", size, limit, `kernel ${kernel.key}`);
+    }
   }
 
   /** A pass of its own for one dispatch, with timestamps around it (profiling only). */
@@ -285,7 +302,11 @@ export class Gpu {
   private throwIfFailed(): void {
     if (this.firstError) {
       const message = this.firstError;
+      const outOfMemory = this.firstErrorIsOutOfMemory;
       if (!this.lost) this.firstError = null;
+      if (outOfMemory) {
+        throw new GpuLimitError("memory", null, null, `${message}; ${this.pool.inUseBytes} bytes in use by tensors`);
+      }
       throw new ClipError(`GPU error: ${message}`);
     }
   }

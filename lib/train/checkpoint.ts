@@ -9,8 +9,10 @@
  *   DIR/latest                                                    name of the newest complete checkpoint
  *
  * A checkpoint is assembled in a temporary folder and renamed into place, so a folder under checkpoints/ with a
- * step name is always complete; `latest` is replaced atomically afterwards. A kill at any moment leaves the previous
- * checkpoint as the latest, and leftover temporary folders are ignored and removed by the next save.
+ * step name is always complete. `latest` is replaced atomically just before that rename, so it never lags behind a
+ * complete checkpoint: it names the newest complete one, or one about to appear, in which case findLatestCheckpoint
+ * finds it missing and takes the newest complete folder instead. A kill at any moment therefore leaves the last
+ * complete checkpoint as the latest, and leftover temporary folders are ignored and removed by the next save.
  */
 import { ClipError } from "../errors.ts";
 import { OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, saveHubLayout } from "../io/checkpoint_layout.ts";
@@ -62,9 +64,14 @@ export async function saveCheckpoint(
   );
   await Deno.writeTextFile(`${tmp}/state.json`, JSON.stringify(state));
   const final = `${root}/${name}`;
-  await Deno.remove(final, { recursive: true }).catch(() => {});
-  await Deno.rename(tmp, final);
+  // A folder of the same step (from a run resumed at an earlier checkpoint) is moved aside in one rename rather than
+  // deleted in place, so no half-deleted folder ever carries a step name.
+  await Deno.rename(final, `${root}/${name}.tmp-replaced-${Deno.pid}`).catch((e) => {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  });
   await writeTextAtomic(`${dir}/latest`, name + "\n");
+  await Deno.rename(tmp, final);
+  await removeLeftovers(root);
   // The run folder itself holds the newest weights in hub layout, so `--model DIR` works anywhere.
   await saveHubLayout(dir, config, preprocess, weights);
   await prune(root, keep);
