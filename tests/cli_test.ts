@@ -33,7 +33,7 @@ Deno.test("cli: usage errors exit 2 and runtime errors exit 1, each with a one-l
   const badFlag = await clip("info", "--bogus");
   assert.equal(badFlag.code, 2);
   assert.match(badFlag.stderr, /clip info --help/);
-  const missing = await clip("info", "--model", "/nonexistent/model");
+  const missing = await clip("tokenize", "--file", "/nonexistent/captions.txt");
   assert.equal(missing.code, 1);
   assert.equal(missing.stderr.trim().split("\n").length, 1, missing.stderr);
 });
