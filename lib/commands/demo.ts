@@ -1,16 +1,12 @@
 import { buildEmojiDataset } from "../data/emoji.ts";
 import { readTar } from "../data/tar.ts";
 import { ClipTokenizer } from "../data/tokenizer.ts";
-import { classificationMetrics, retrievalRecall, similarity } from "../eval/metrics.ts";
-import { embedShards, zeroShotClassifier } from "../eval/embed_data.ts";
 import { getGpu } from "../gpu/runtime.ts";
-import type { ClipModel } from "../nn/clip.ts";
-import type { PreprocessConfig } from "../nn/config.ts";
 import { loadModel } from "../nn/load.ts";
+import { meanRecall, validationMetrics } from "../eval/validate.ts";
 import { OPEN_CLIP_ADAMW } from "../train/optimizer.ts";
 import { train } from "../train/trainer.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
-import { datasetClasses } from "./dataset_info.ts";
 import { embedCommand } from "./embed.ts";
 import { zeroshotCommand } from "./zeroshot.ts";
 
@@ -25,32 +21,11 @@ options:
   --minutes M    training time budget; the number of epochs is chosen to fit it (default 4)
   --epochs E     train exactly E epochs instead (16 is the full quality recipe)`;
 
-interface Scores {
-  retrieval: Record<string, number>;
-  acc1: number;
-}
-
-async function evaluate(
-  model: ClipModel,
-  preprocess: PreprocessConfig,
-  tokenizer: ClipTokenizer,
-  shards: string[],
-): Promise<Scores> {
-  const data = await embedShards(model, shards, preprocess, tokenizer, 128);
-  const retrieval = retrievalRecall(data.images, data.texts, data.dim, data.keys.map((_, i) => i));
-  const classes = (await datasetClasses(shards))!;
-  const classifier = await zeroShotClassifier(model, tokenizer, classes.names, classes.templates);
-  const m = classificationMetrics(similarity(data.images, classifier, data.dim), classes.names.length, data.labels);
-  return { retrieval, acc1: m.acc1 };
-}
-
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 
-function scoreLine(name: string, s: Scores): string {
-  const r = s.retrieval;
-  const mean = (k: number) => (r[`image_retrieval_recall@${k}`] + r[`text_retrieval_recall@${k}`]) / 2;
-  return `${name.padEnd(10)} retrieval R@1 ${pct(mean(1))}  R@5 ${pct(mean(5))}  R@10 ${pct(mean(10))}  ` +
-    `zero-shot category top-1 ${pct(s.acc1)}`;
+function scoreLine(name: string, m: Record<string, number>): string {
+  return `${name.padEnd(10)} retrieval R@1 ${pct(meanRecall(m, 1))}  R@5 ${pct(meanRecall(m, 5))}  ` +
+    `R@10 ${pct(meanRecall(m, 10))}  zero-shot category top-1 ${pct(m.acc1)}`;
 }
 
 export const demoCommand: Command = {
@@ -88,7 +63,7 @@ export const demoCommand: Command = {
     const tokenizer = await ClipTokenizer.load();
     const { model, preprocess } = await loadModel(gpu, "emoji-tiny", { seed: 0 });
     say("evaluating the untrained model on the held-out split");
-    const before = await evaluate(model, preprocess, tokenizer, testShards);
+    const before = await validationMetrics(model, preprocess, tokenizer, testShards);
     say(scoreLine("untrained", before));
 
     const batchSize = 128;
@@ -151,7 +126,7 @@ export const demoCommand: Command = {
       },
     });
     say("evaluating the trained model on the held-out split (names never seen in training)");
-    const after = await evaluate(model, preprocess, tokenizer, testShards);
+    const after = await validationMetrics(model, preprocess, tokenizer, testShards);
 
     say("embedding the held-out images");
     await embedCommand.run(["--model", run, "--images", testShards[0], "--out", `${out}/embeddings`]);

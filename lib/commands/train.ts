@@ -3,8 +3,6 @@ import { expandShards } from "../data/shards.ts";
 import { ClipTokenizer } from "../data/tokenizer.ts";
 import { validateShards } from "../data/webdataset.ts";
 import { IMAGE_EXTENSIONS } from "../data/webdataset.ts";
-import { classificationMetrics, retrievalRecall, similarity } from "../eval/metrics.ts";
-import { embedShards, zeroShotClassifier } from "../eval/embed_data.ts";
 import { getGpu, GpuLimitError } from "../gpu/runtime.ts";
 import { ensureWritableFolder, writeFailureError } from "../io/output_folder.ts";
 import { loadModel } from "../nn/load.ts";
@@ -14,7 +12,8 @@ import { lineChartSvg, type Series } from "../train/plot.ts";
 import { type StepReport, train } from "../train/trainer.ts";
 import type { LoaderCounters } from "../data/loader.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
-import { datasetClasses, datasetSampleCount } from "./dataset_info.ts";
+import { datasetSampleCount } from "./dataset_info.ts";
+import { validationMetrics } from "../eval/validate.ts";
 
 const HELP = `usage: clip train --model CONFIG|PATH --train-data SHARDS --out DIR [options]
 
@@ -243,20 +242,13 @@ export const trainCommand: Command = {
 
     const validate = async (step: number) => {
       if (!valShards) return;
-      const data = await embedShards(model, valShards, preprocess, tokenizer, 64);
-      const metrics: Record<string, number> = retrievalRecall(
-        data.images,
-        data.texts,
-        data.dim,
-        data.keys.map((_, i) => i),
+      const metrics = await validationMetrics(
+        model,
+        preprocess,
+        tokenizer,
+        valShards,
+        (m) => console.error(`warning: ${m}`),
       );
-      const classes = await datasetClasses(valShards);
-      if (classes && data.labels.every((l) => l >= 0)) {
-        const classifier = await zeroShotClassifier(model, tokenizer, classes.names, classes.templates);
-        const scores = similarity(data.images, classifier, data.dim);
-        const m = classificationMetrics(scores, classes.names.length, data.labels);
-        Object.assign(metrics, { acc1: m.acc1, acc5: m.acc5, mean_per_class_recall: m.mean_per_class_recall });
-      }
       await logFile.write(encoder.encode(JSON.stringify({ step, val: metrics }) + "\n"));
       console.error(
         `validation at step ${step}: ` +
