@@ -102,3 +102,15 @@ export async function gradOf(t: Tensor): Promise<Float32Array> {
   if (!t.grad) throw new Error(`no gradient on ${t}`);
   return await t.grad.read();
 }
+
+/** A raw little-endian float32 file (the fixtures' .f32). */
+export async function f32File(path: string): Promise<Float32Array> {
+  const bytes = await Deno.readFile(path);
+  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+}
+
+/** A raw little-endian int32 file (the fixtures' .i32). */
+export async function i32File(path: string): Promise<Int32Array> {
+  const bytes = await Deno.readFile(path);
+  return new Int32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+}

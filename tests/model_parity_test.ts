@@ -1,5 +1,5 @@
 // Parity with open_clip's PyTorch code on the reference fixtures: same weights and inputs, same features and logits.
-import { assertClose, gpu } from "./helpers.ts";
+import { assertClose, f32File, gpu, i32File } from "./helpers.ts";
 import { loadStateDict, resolveCheckpoint } from "../lib/io/checkpoint_layout.ts";
 import { ClipModel } from "../lib/nn/clip.ts";
 import { noGrad } from "../lib/tensor/autograd.ts";
@@ -8,16 +8,6 @@ import { l2Normalize } from "../lib/tensor/ops.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 
 const ROOT = new URL("./fixtures/models/", import.meta.url).pathname;
-
-async function f32File(path: string): Promise<Float32Array> {
-  const bytes = await Deno.readFile(path);
-  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-}
-
-async function i32File(path: string): Promise<Int32Array> {
-  const bytes = await Deno.readFile(path);
-  return new Int32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-}
 
 const maxAbs = (x: Float32Array) => x.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
 

@@ -1,7 +1,7 @@
 // The float64 reference (tests/reference_clip.ts) against open_clip's outputs on the fixture models, and its loss,
 // erf and AdamW on hand-computed cases. The GPU tests trust the reference only because of these checks.
 import assert from "node:assert/strict";
-import { assertClose } from "./helpers.ts";
+import { assertClose, f32File, i32File } from "./helpers.ts";
 import {
   erf,
   gelu,
@@ -16,16 +16,6 @@ import {
 import { loadStateDict, resolveCheckpoint } from "../lib/io/checkpoint_layout.ts";
 
 const ROOT = new URL("./fixtures/models/", import.meta.url).pathname;
-
-async function f32File(path: string): Promise<Float32Array> {
-  const bytes = await Deno.readFile(path);
-  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-}
-
-async function i32File(path: string): Promise<Int32Array> {
-  const bytes = await Deno.readFile(path);
-  return new Int32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-}
 
 function maxAbs(x: ArrayLike<number>): number {
   let m = 0;
