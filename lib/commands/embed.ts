@@ -5,7 +5,7 @@ import { type EmbedPlan, inputCount, kindsOf, type Part, planParts, runEmbedJob 
 import { isShardSpec, partsOfPartition, resolveImageSource, resolveTextSource } from "../io/embed_inputs.ts";
 import { type EmbeddingKind, EmbeddingsWriter, partPaths } from "../io/embeddings_writer.ts";
 import { getGpu, GpuLimitError } from "../gpu/runtime.ts";
-import { ensureWritableFolder, writeFailureError } from "../io/output_folder.ts";
+import { checkFolderPath, ensureWritableFolder, writeFailureError } from "../io/output_folder.ts";
 import { loadModel } from "../nn/load.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
 import { datasetSampleCount } from "./dataset_info.ts";
@@ -112,6 +112,7 @@ export const embedCommand: Command = {
     const partition = partitionFrom(v["shard-index"], v["shard-count"]);
     const plan = planFrom(v.images, positionals, v.texts);
     const out = v.out!;
+    await checkFolderPath(out, "--out");
     const writer = new EmbeddingsWriter(out, kindsOf(plan), dtype);
 
     const all = planParts(plan, partSize);
@@ -161,7 +162,7 @@ export const embedCommand: Command = {
     const summary = await job.catch(async (e) => {
       if (e instanceof GpuLimitError) {
         throw new ClipError(
-          `embed: ${e.message}; try --batch-size ${e.suggestedBatchSize(batchSize)} (now ${batchSize})`,
+          `embed: ${e.message}; try --batch-size ${e.suggestedBatchSize(batchSize)} or smaller (now ${batchSize})`,
         );
       }
       await removePartialFiles(out, todo.map((p) => p.name), kindsOf(plan));

@@ -341,8 +341,8 @@ export const trainCommand: Command = {
         const smaller = e.suggestedBatchSize(batchSize);
         throw new ClipError(
           smaller >= 2
-            ? `train: ${e.message}; try --batch-size ${smaller} (now ${batchSize}), with --accum-freq to keep the ` +
-              "effective batch"
+            ? `train: ${e.message}; try --batch-size ${smaller} or smaller (now ${batchSize}), with --accum-freq to keep ` +
+              "the effective batch"
             : `train: ${e.message}, even at the smallest batch; use a smaller model or a device with larger limits`,
         );
       }

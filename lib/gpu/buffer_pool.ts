@@ -27,9 +27,8 @@ export class GpuLimitError extends ClipError {
     super(
       limit === "memory"
         ? `the GPU ran out of memory (${what}): the batch does not fit this device`
-        : `${what} needs ${formatBytes(requestedBytes!)} in one GPU buffer, over this device's ${limit} of ${
-          formatBytes(limitBytes!)
-        }: the batch does not fit this device`,
+        : `${what} needs ${formatBytes(requestedBytes!)} (${requestedBytes} bytes) in one GPU buffer, over this ` +
+          `device's ${limit} of ${formatBytes(limitBytes!)} (${limitBytes} bytes): the batch does not fit this device`,
     );
   }
 

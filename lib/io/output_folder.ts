@@ -58,3 +58,21 @@ export async function ensureWritableFolder(dir: string, flag: string): Promise<v
     );
   }
 }
+
+/**
+ * Checks, without creating anything, that `dir` is a folder or can become one: it is missing, or a folder. A path
+ * through a file, or to a file, is a ClipError naming `flag`. For reading an existing output before writing to it.
+ */
+export async function checkFolderPath(dir: string, flag: string): Promise<void> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.stat(dir);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    const reason = describeWriteFailure(e) ?? (e as Error).message;
+    throw new ClipError(
+      `${flag} '${dir}' cannot be a folder: ${reason} (${(e as Error).message}); choose another ${flag}`,
+    );
+  }
+  if (!info.isDirectory) throw new ClipError(`${flag} '${dir}' is a file, not a folder; choose another ${flag}`);
+}
