@@ -19,6 +19,7 @@ interface HostBench {
 const HOST_BENCHES: HostBench[] = [
   { module: "./tokenizer_bench.ts", exportName: "benchTokenizer" },
   { module: "./image_bench.ts", exportName: "benchDecode" },
+  { module: "./tar_bench.ts", exportName: "benchTar" },
 ];
 
 async function runHostBench(b: HostBench): Promise<BenchRow | string> {
@@ -30,8 +31,8 @@ async function runHostBench(b: HostBench): Promise<BenchRow | string> {
   }
   const fn = mod[b.exportName];
   if (typeof fn !== "function") return `skipped ${b.module}: it has no ${b.exportName}()`;
-  const r = await fn() as { name: string; unit: string; value: number };
-  return { name: r.name, unit: r.unit, ours: Math.round(r.value * 100) / 100, peer: null, ratio: null };
+  const r = await fn() as { name: string; unit: string; value: number; note?: string };
+  return { name: r.name, unit: r.unit, ours: Math.round(r.value * 100) / 100, peer: null, ratio: null, note: r.note };
 }
 
 function table(rows: BenchRow[]): string {
