@@ -22,6 +22,8 @@ export class FaultServer {
   readonly injected: Record<FaultKind, number> = { "http-500": 0, reset: 0, stall: 0, "no-response": 0 };
   /** Requests per path. */
   readonly requests = new Map<string, number>();
+  /** Requests that asked for a byte range (a resumed download). */
+  rangeRequests = 0;
   readonly #listener: Deno.Listener;
   readonly #open = new Set<Deno.Conn>();
   readonly #files: Map<string, Uint8Array>;
@@ -80,6 +82,7 @@ export class FaultServer {
       return await writeAll(conn, response(status, [], encoder.encode(status)));
     }
     const range = headerLines.map((l) => /^range:\s*bytes=(\d+)-\s*$/i.exec(l)).find((m) => m);
+    if (range) this.rangeRequests++;
     const start = range ? Math.min(Number(range[1]), file.length) : 0;
     const body = file.subarray(start);
     const headers = range ? [`Content-Range: bytes ${start}-${file.length - 1}/${file.length}`] : [];

@@ -103,8 +103,11 @@ function generate(s: State, rng: Rng): FuzzInput<Case> {
     case 1: {
       const second = entries[(entries.indexOf(entries.find(([, v]) => v === target)!) + 1) % entries.length][1];
       const [a, b] = target.data_offsets as [number, number];
-      const options = [...BAD_OFFSETS(s.data.length), [a + 1, b + 1], [a, b - 1], second.data_offsets];
-      target.data_offsets = pick(rng, options);
+      // Besides malformed pairs: shifted by one, one byte short, and moved onto the next tensor's bytes with its own
+      // length kept (so only the overlap check can refuse it).
+      const other = (second.data_offsets as [number, number])[0];
+      const options = [...BAD_OFFSETS(s.data.length), [a + 1, b + 1], [a, b - 1], [other, other + b - a]];
+      target.data_offsets = rng.int(3) === 0 ? [other, other + b - a] : pick(rng, options);
       bytes = withHeader(objectText(entries), s.data);
       kind = "offsets";
       break;
