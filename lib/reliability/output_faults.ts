@@ -76,12 +76,12 @@ const SIZE_LIMIT_PREFIX = (blocks: number) => ["bash", "-c", `trap '' XFSZ; ulim
 
 export async function runOutputFaults(workDir: string): Promise<OutputFaultResult[]> {
   const results: OutputFaultResult[] = [];
-  const lines = Array.from({ length: 4500 }, (_, i) => `a photo of thing number ${i}`).join("\n") + "\n";
+  const lines = Array.from({ length: 3000 }, (_, i) => `a photo of thing number ${i}`).join("\n") + "\n";
   const textFile = `${workDir}/texts.txt`;
   await Deno.writeTextFile(textFile, lines);
   const embedTexts = (
     out: string,
-  ) => ["embed", "--model", "test-vit-micro", "--texts", textFile, "--out", out, "--part-size", "1500"];
+  ) => ["embed", "--model", "test-vit-micro", "--texts", textFile, "--out", out, "--part-size", "1000"];
   const isRoot = Deno.uid() === 0;
   let shardPattern: Promise<string> | undefined;
   const shards = () =>
@@ -145,7 +145,7 @@ export async function runOutputFaults(workDir: string): Promise<OutputFaultResul
       result(
         "embed: missing output folder is created",
         "path",
-        rows === 4500 ? [] : [`exit ${made.code}, ${rows} rows`],
+        rows === 3000 ? [] : [`exit ${made.code}, ${rows} rows`],
         made,
       ),
     );
@@ -155,7 +155,7 @@ export async function runOutputFaults(workDir: string): Promise<OutputFaultResul
   {
     const dir = `${workDir}/full-embed`;
     await Deno.mkdir(dir, { recursive: true });
-    const mounted = await tryMount(dir, "size=200k");
+    const mounted = await tryMount(dir, "size=128k");
     try {
       const out = `${dir}/out`;
       const run = await new ClipProcess(embedTexts(out), mounted ? {} : { prefix: SIZE_LIMIT_PREFIX(100) }).wait();
@@ -165,7 +165,7 @@ export async function runOutputFaults(workDir: string): Promise<OutputFaultResul
         problems.push("no clear disk-full error");
       }
       results.push(
-        result("embed: disk full during the run", mounted ? "tmpfs 200 KiB" : "ulimit -f 50 KiB", problems, run),
+        result("embed: disk full during the run", mounted ? "tmpfs 128 KiB" : "ulimit -f 50 KiB", problems, run),
       );
     } finally {
       if (mounted) await unmount(dir);
