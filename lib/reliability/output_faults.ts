@@ -158,14 +158,14 @@ export async function runOutputFaults(workDir: string): Promise<OutputFaultResul
     const mounted = await tryMount(dir, "size=128k");
     try {
       const out = `${dir}/out`;
-      const run = await new ClipProcess(embedTexts(out), mounted ? {} : { prefix: SIZE_LIMIT_PREFIX(100) }).wait();
+      const run = await new ClipProcess(embedTexts(out), mounted ? {} : { prefix: SIZE_LIMIT_PREFIX(40) }).wait();
       const problems = await checkNoHalfFiles(out);
       if (run.code !== 1) problems.push(`exit code ${run.code}`);
       if (!/cannot write to .*(disk is full|size the file system)/.test(run.stderr)) {
         problems.push("no clear disk-full error");
       }
       results.push(
-        result("embed: disk full during the run", mounted ? "tmpfs 128 KiB" : "ulimit -f 50 KiB", problems, run),
+        result("embed: disk full during the run", mounted ? "tmpfs 128 KiB" : "ulimit -f 40 KiB", problems, run),
       );
     } finally {
       if (mounted) await unmount(dir);
@@ -192,7 +192,7 @@ export async function runOutputFaults(workDir: string): Promise<OutputFaultResul
         "--workers",
         "1",
       ];
-      const run = await new ClipProcess(args, mounted ? {} : { prefix: SIZE_LIMIT_PREFIX(2048) }).wait();
+      const run = await new ClipProcess(args, mounted ? {} : { prefix: SIZE_LIMIT_PREFIX(1024) }).wait();
       const problems: string[] = [];
       if (run.code !== 1) problems.push(`exit code ${run.code}`);
       if (!/cannot write to .*(disk is full|size the file system)/.test(run.stderr)) {
