@@ -17,6 +17,7 @@ import {
   resizeNearest,
   unpremultiplyAlpha,
 } from "./resample.ts";
+import { type Planes, SimdResizer } from "./resample_simd.ts";
 
 /** Model input geometry and normalisation. */
 export interface Preprocess {
@@ -70,7 +71,7 @@ interface DecodedImage {
   readonly handling: Handling;
 }
 
-interface Header {
+export interface Header {
   readonly width: number;
   readonly height: number;
   readonly space: "grey" | "rgb" | "cmyk";
@@ -89,8 +90,49 @@ function decodeError(bytes: Uint8Array, e: unknown): ImageDecodeError {
   );
 }
 
+/**
+ * The header of an 8-bit baseline, extended or progressive JPEG with 1 or 3 components (what sharp's metadata would
+ * report for it), read from its SOF segment without a round trip through sharp; undefined for anything else.
+ */
+export function jpegHeader(bytes: Uint8Array): Header | undefined {
+  if (bytes.length < 4 || bytes[0] !== 0xff || bytes[1] !== 0xd8) return undefined;
+  let p = 2;
+  while (p + 4 <= bytes.length) {
+    if (bytes[p] !== 0xff) return undefined;
+    const marker = bytes[p + 1];
+    if (marker === 0xff) {
+      p++; // fill byte
+      continue;
+    }
+    if (marker === 0x01 || (marker >= 0xd0 && marker <= 0xd7)) {
+      p += 2; // markers without a length
+      continue;
+    }
+    const length = (bytes[p + 2] << 8) | bytes[p + 3];
+    if (length < 2) return undefined;
+    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
+      // Start of frame: precision, height, width, components. Only the common huffman-coded frames are read here.
+      if (marker > 0xc2 || p + 10 > bytes.length) return undefined;
+      const precision = bytes[p + 4];
+      const height = (bytes[p + 5] << 8) | bytes[p + 6];
+      const width = (bytes[p + 7] << 8) | bytes[p + 8];
+      const components = bytes[p + 9];
+      if (precision !== 8 || width === 0 || height === 0 || (components !== 1 && components !== 3)) return undefined;
+      return { width, height, space: components === 1 ? "grey" : "rgb", handling: "direct" };
+    }
+    if (marker === 0xda || marker === 0xd9) return undefined; // scan or end before any frame header
+    p += 2 + length;
+  }
+  return undefined;
+}
+
 /** Reads the header only, and enforces the pixel limit before anything is decoded. */
 async function readHeader(bytes: Uint8Array, maxPixels: number): Promise<Header> {
+  const jpeg = jpegHeader(bytes);
+  if (jpeg) {
+    if (jpeg.width * jpeg.height > maxPixels) throw new ImageTooLargeError(jpeg.width, jpeg.height, maxPixels);
+    return jpeg;
+  }
   let meta: Metadata;
   try {
     // Reading the header decodes no pixels, so sharp's own limit is lifted here to report ours, with the size.
@@ -161,6 +203,32 @@ function resizeAsPillow(image: DecodedImage, width: number, height: number, wind
     default:
       return resizeBicubic(pixels, width, height, window);
   }
+}
+
+let simdResizer: SimdResizer | null | undefined;
+
+/** This thread's SIMD resizer, or null where WebAssembly SIMD is unavailable. */
+function resizer(): SimdResizer | null {
+  if (simdResizer === undefined) simdResizer = SimdResizer.create() ?? null;
+  return simdResizer;
+}
+
+/**
+ * Pillow's resize of this image to `width` x `height` (only `window` of it), convert("RGB") and normalisation, as the
+ * model input. Images filtered as they are (RGB, grey) take the SIMD resize and are normalised straight from its
+ * planes; the others (alpha, CMYK, palette) the general path, which has the same result for these too.
+ */
+function resizeToTensor(
+  image: DecodedImage,
+  width: number,
+  height: number,
+  window: Rect,
+  p: Preprocess,
+  out: Float32Array | undefined,
+): Float32Array {
+  const simd = image.handling === "direct" ? resizer() : null;
+  if (!simd) return normaliseRgb(toRgb(resizeAsPillow(image, width, height, window), image.handling), p.size, p, out);
+  return simd.resize(image.pixels, width, height, window, (planes) => normalisePlanes(planes, p, out));
 }
 
 /** Pillow's `convert("RGB")`: alpha dropped, grey replicated, CMYK by its naive formula. */
@@ -242,28 +310,76 @@ function normalisationTables(p: Preprocess): Float32Array[] {
   });
 }
 
-/** Turns HWC RGB bytes into the normalised CHW float32 model input. */
-export function normaliseRgb(rgb: Uint8Array, size: number, p: Preprocess): Float32Array {
-  if (rgb.length !== size * size * 3) {
-    throw new RangeError(`expected ${size}x${size}x3 = ${size * size * 3} bytes of RGB, got ${rgb.length}`);
-  }
+let cachedTables: { mean: readonly number[]; std: readonly number[]; tables: Float32Array[] } | undefined;
+
+/** The tables of `p`, kept for the next image with the same normalisation. */
+function tablesFor(p: Preprocess): Float32Array[] {
+  const c = cachedTables;
+  if (c && c.mean.every((m, i) => m === p.mean[i]) && c.std.every((s, i) => s === p.std[i])) return c.tables;
   const tables = normalisationTables(p);
-  const plane = size * size;
-  const out = new Float32Array(3 * plane);
-  for (let c = 0; c < 3; c++) {
-    const table = tables[c];
-    for (let i = 0; i < plane; i++) out[c * plane + i] = table[rgb[3 * i + c]];
+  cachedTables = { mean: [...p.mean], std: [...p.std], tables };
+  return tables;
+}
+
+function outputTensor(size: number, out: Float32Array | undefined): Float32Array {
+  if (!out) return new Float32Array(3 * size * size);
+  if (out.length !== 3 * size * size) {
+    throw new RangeError(`the output holds ${out.length} floats, not 3x${size}x${size} = ${3 * size * size}`);
   }
   return out;
 }
 
-/** open_clip's eval transform: [3, size, size] float32 CHW. Throws ImageDecodeError for undecodable or oversized input. */
+/** Turns HWC RGB bytes into the normalised CHW float32 model input (written to `out` when given). */
+export function normaliseRgb(rgb: Uint8Array, size: number, p: Preprocess, out?: Float32Array): Float32Array {
+  if (rgb.length !== size * size * 3) {
+    throw new RangeError(`expected ${size}x${size}x3 = ${size * size * 3} bytes of RGB, got ${rgb.length}`);
+  }
+  const tables = tablesFor(p);
+  const plane = size * size;
+  const tensor = outputTensor(size, out);
+  for (let c = 0; c < 3; c++) {
+    const table = tables[c];
+    for (let i = 0; i < plane; i++) tensor[c * plane + i] = table[rgb[3 * i + c]];
+  }
+  return tensor;
+}
+
+/** normaliseRgb for square RGB (3 planes) or grey (1 plane, taken for all three channels) planes. */
+function normalisePlanes(planes: Planes, p: Preprocess, out: Float32Array | undefined): Float32Array {
+  const { data, width, height, channels, rowStride, planeStride } = planes;
+  if (width !== p.size || height !== p.size || (channels !== 1 && channels !== 3)) {
+    throw new RangeError(`cannot normalise ${width}x${height}x${channels} planes into 3x${p.size}x${p.size}`);
+  }
+  const tables = tablesFor(p);
+  const tensor = outputTensor(p.size, out);
+  let i = 0;
+  for (let c = 0; c < 3; c++) {
+    const table = tables[c];
+    const plane = channels === 1 ? 0 : c * planeStride;
+    for (let y = 0; y < height; y++) {
+      const row = plane + y * rowStride;
+      for (let x = 0; x < width; x++) tensor[i++] = table[data[row + x]];
+    }
+  }
+  return tensor;
+}
+
+/**
+ * open_clip's eval transform: [3, size, size] float32 CHW, written to `out` when given. Throws ImageDecodeError for
+ * undecodable or oversized input.
+ */
 export async function decodeEvalImage(
   bytes: Uint8Array,
   p: Preprocess,
   limits: DecodeLimits = {},
+  out?: Float32Array,
 ): Promise<Float32Array> {
-  return normaliseRgb(await evalCropRgb(bytes, p.size, limits), p.size, p);
+  checkSize(p.size);
+  const image = await decodePixels(bytes, limits);
+  const { width, height } = image.pixels;
+  const resized = shortestSideSize(width, height, p.size);
+  const crop = centreCropRect(resized.width, resized.height, p.size);
+  return resizeToTensor(image, resized.width, resized.height, crop, p, out);
 }
 
 /**
@@ -302,18 +418,19 @@ export function sampleResizedCrop(
 
 /**
  * open_clip's training transform: RandomResizedCrop(size, scale (0.9, 1), ratio (3/4, 4/3), bicubic), RGB,
- * normalise. The crop is drawn from `rng`, so the same sequence gives the same tensor.
+ * normalise; written to `out` when given. The crop is drawn from `rng`, so the same sequence gives the same tensor.
  */
 export async function decodeTrainImage(
   bytes: Uint8Array,
   p: Preprocess,
   rng: () => number,
   limits: DecodeLimits = {},
+  out?: Float32Array,
 ): Promise<Float32Array> {
   checkSize(p.size);
   // Pillow crops and then resizes the crop, so the filter never reads outside it: decoding just the crop is the same.
   const image = await decodePixels(bytes, limits, (width, height) => sampleResizedCrop(width, height, rng));
-  return normaliseRgb(toRgb(resizeAsPillow(image, p.size, p.size), image.handling), p.size, p);
+  return resizeToTensor(image, p.size, p.size, { left: 0, top: 0, width: p.size, height: p.size }, p, out);
 }
 
 /** Composites the image on `background` and re-encodes it as an 8-bit RGB PNG (no alpha), keeping any ICC profile. */

@@ -25,7 +25,7 @@ export interface Rect {
 }
 
 /** Pillow: 32 bits minus 8 for the pixel value minus 2 of headroom for filter overshoot. */
-const PRECISION_BITS = 22;
+export const PRECISION_BITS = 22;
 const ROUNDING_HALF = 1 << (PRECISION_BITS - 1);
 const BICUBIC_SUPPORT = 2;
 
@@ -38,7 +38,7 @@ function bicubicFilter(x: number): number {
 }
 
 /** The source span and fixed-point weights of each output index along one axis. */
-interface AxisWeights {
+export interface AxisWeights {
   /** First source index read by each output index. */
   readonly first: Int32Array;
   /** Number of source indices read by each output index. */
@@ -49,7 +49,7 @@ interface AxisWeights {
 }
 
 /** Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for output indices [start, start + length). */
-function bicubicAxisWeights(inSize: number, outSize: number, start: number, length: number): AxisWeights {
+export function bicubicAxisWeights(inSize: number, outSize: number, start: number, length: number): AxisWeights {
   const scale = inSize / outSize;
   const filterScale = Math.max(scale, 1);
   const support = BICUBIC_SUPPORT * filterScale;
