@@ -4,7 +4,9 @@
  * unprofiled steps. A family is the first segment of a kernel key (`sum_axes/8320,512/10/1` -> `sum_axes`).
  *
  *   deno run -A bench/profile_step.ts [--model emoji-tiny] [--batch 128] [--warmup 2] [--steps 3] [--top 15]
- *                                     [--json FILE]
+ *                                     [--family NAME] [--json FILE]
+ *
+ * --family NAME also lists that family's kernels one by one (full keys, summed over the first profiled step).
  *
  * Profiled steps put every dispatch in a pass of its own, so their total is a little above an unprofiled step's. On a
  * shared machine the minimum over steps is the steadier number; both minimum and median are printed.
@@ -66,6 +68,7 @@ async function main(): Promise<number> {
       warmup: { type: "string", default: "2" },
       steps: { type: "string", default: "3" },
       top: { type: "string", default: "15" },
+      family: { type: "string" },
       json: { type: "string" },
     },
   });
@@ -144,6 +147,19 @@ async function main(): Promise<number> {
   if (top > 0) {
     console.log(`slowest dispatches of the first profiled step:`);
     for (const t of slowest.sort((a, b) => b.ms - a.ms).slice(0, top)) console.log(`${fmt(t.ms)}  ${t.key}`);
+  }
+  if (values.family) {
+    const keys = new Map<string, { n: number; ms: number }>();
+    for (const t of slowest.filter((t) => t.key.split("/")[0] === values.family)) {
+      const k = keys.get(t.key) ?? { n: 0, ms: 0 };
+      k.n++;
+      k.ms += t.ms;
+      keys.set(t.key, k);
+    }
+    console.log(`kernels of ${values.family} in the first profiled step:`);
+    for (const [key, k] of [...keys].sort((a, b) => b[1].ms - a[1].ms)) {
+      console.log(`${fmt(k.ms)} ${String(k.n).padStart(4)}x  ${key}`);
+    }
   }
   if (values.json) {
     const report = {

@@ -110,6 +110,20 @@ export function accumulateKernel(n: number): Kernel {
   );
 }
 
+/** dst[first + i] += src[first + i] for i in [0, count): `accumulateKernel` over one range of both tensors. */
+export function accumulateRangeKernel(first: number, count: number): Kernel {
+  const vector = first % 4 === 0 && isVectorisable(count);
+  const word = vector ? "vec4<f32>" : "f32";
+  const offset = vector ? first / 4 : first;
+  return (vector ? elementwiseVec4 : elementwise)(
+    `accumulate_range${vector ? "4" : ""}/${first}/${count}`,
+    count,
+    `@group(0) @binding(0) var<storage, read_write> dst: array<${word}>;
+@group(0) @binding(1) var<storage, read> src: array<${word}>;`,
+    `dst[${offset}u + i] = dst[${offset}u + i] + src[${offset}u + i];`,
+  );
+}
+
 export type UnaryOp = "exp" | "gelu" | "quick_gelu" | "relu" | "neg" | "sigmoid" | "tanh" | "square" | "sqrt" | "log";
 
 // erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit); WGSL has no erf.

@@ -2,7 +2,17 @@
 // normalisation. Row count, width and eps are baked in; the row layout comes from kernels/rows.ts.
 import type { Kernel } from "../lib/gpu/runtime.ts";
 import { f32Literal, gridWgsl } from "./grid.ts";
-import { rowKernelWgsl, type RowLayout, rowLayoutKey } from "./rows.ts";
+import {
+  keepsRowInRegisters,
+  perWord,
+  registerRowKernelWgsl,
+  rowKernelWgsl,
+  type RowLayout,
+  rowLayoutKey,
+  rowWords,
+  wordSum,
+  wordTree,
+} from "./rows.ts";
 
 /** rows x cols input; `stats` holds [mean, rstd] per row. */
 export interface RowShape {
@@ -10,8 +20,42 @@ export interface RowShape {
   cols: number;
 }
 
+/** WGSL expression: the sum over the row's words of `term(k)`, a word-typed expression, as one f32. */
+function rowTotal(cols: number, term: (k: number) => string): string {
+  const words = rowWords(cols);
+  return wordSum(words, wordTree(words, (a, b) => `(${a} + ${b})`, term));
+}
+
 /** y = (x - mean) * rstd * weight + bias, and stats[row] = (mean, rstd). */
 export function layerNormForwardKernel({ rows, cols }: RowShape, eps: number, layout: RowLayout): Kernel {
+  if (keepsRowInRegisters(layout, cols)) {
+    const words = rowWords(cols);
+    const t = words.type;
+    return {
+      key: `layernorm_fwd/${rows}/${cols}/${eps}/${rowLayoutKey(layout)}/registers`,
+      wgsl: () =>
+        registerRowKernelWgsl(
+          rows,
+          layout,
+          `@group(0) @binding(0) var<storage, read> x: array<${t}>;
+@group(0) @binding(1) var<storage, read> weight: array<${t}>;
+@group(0) @binding(2) var<storage, read> bias: array<${t}>;
+@group(0) @binding(3) var<storage, read_write> y: array<${t}>;
+@group(0) @binding(4) var<storage, read_write> stats: array<f32>;`,
+          // The same shifted one-pass moments as the loop kernel below.
+          `let base = row * ${words.count}u;
+  ${perWord(words, (k) => `let x${k} = x[base + ${k}u];`)}
+  let shift = ${words.width === 4 ? "x0.x" : "x0"};
+  ${perWord(words, (k) => `let d${k} = x${k} - shift;`)}
+  let mean_offset = ${rowTotal(cols, (k) => `d${k}`)} / ${cols}.0;
+  let variance = max(${rowTotal(cols, (k) => `d${k} * d${k}`)} / ${cols}.0 - mean_offset * mean_offset, 0.0);
+  let rstd = 1.0 / sqrt(variance + ${f32Literal(eps)});
+  ${perWord(words, (k) => `y[base + ${k}u] = (d${k} - mean_offset) * rstd * weight[${k}u] + bias[${k}u];`)}
+  stats[2u * row] = shift + mean_offset;
+  stats[2u * row + 1u] = rstd;`,
+        ),
+    };
+  }
   return {
     key: `layernorm_fwd/${rows}/${cols}/${eps}/${rowLayoutKey(layout)}`,
     wgsl: () =>
@@ -46,6 +90,31 @@ export function layerNormForwardKernel({ rows, cols }: RowShape, eps: number, la
 
 /** dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), one row at a time. */
 export function layerNormBackwardInputKernel({ rows, cols }: RowShape, layout: RowLayout): Kernel {
+  if (keepsRowInRegisters(layout, cols)) {
+    const words = rowWords(cols);
+    const t = words.type;
+    return {
+      key: `layernorm_bwd_x/${rows}/${cols}/${rowLayoutKey(layout)}/registers`,
+      wgsl: () =>
+        registerRowKernelWgsl(
+          rows,
+          layout,
+          `@group(0) @binding(0) var<storage, read> x: array<${t}>;
+@group(0) @binding(1) var<storage, read> weight: array<${t}>;
+@group(0) @binding(2) var<storage, read> stats: array<f32>;
+@group(0) @binding(3) var<storage, read> g: array<${t}>;
+@group(0) @binding(4) var<storage, read_write> dx: array<${t}>;`,
+          `let base = row * ${words.count}u;
+  let mean = stats[2u * row];
+  let rstd = stats[2u * row + 1u];
+  ${perWord(words, (k) => `let gw${k} = g[base + ${k}u] * weight[${k}u];`)}
+  ${perWord(words, (k) => `let xhat${k} = (x[base + ${k}u] - mean) * rstd;`)}
+  let mean_gw = ${rowTotal(cols, (k) => `gw${k}`)} / ${cols}.0;
+  let mean_gwx = ${rowTotal(cols, (k) => `gw${k} * xhat${k}`)} / ${cols}.0;
+  ${perWord(words, (k) => `dx[base + ${k}u] = rstd * (gw${k} - mean_gw - xhat${k} * mean_gwx);`)}`,
+        ),
+    };
+  }
   return {
     key: `layernorm_bwd_x/${rows}/${cols}/${rowLayoutKey(layout)}`,
     wgsl: () =>
@@ -79,12 +148,47 @@ export function layerNormBackwardInputKernel({ rows, cols }: RowShape, layout: R
   };
 }
 
+/** Invocations of `layerNormParamPartialsKernel`. */
+export function layerNormParamPartialsInvocations({ rows, cols }: RowShape, rowsPerChunk: number): number {
+  return Math.ceil(rows / rowsPerChunk) * (cols % 4 === 0 ? cols / 4 : cols);
+}
+
 /**
  * Column sums of g*xhat and g over one chunk of `rowsPerChunk` rows: partial[chunk, col]. Summing the chunks
  * afterwards (a fixed-order reduction) gives dweight and dbias deterministically with enough parallelism.
  */
 export function layerNormParamPartialsKernel({ rows, cols }: RowShape, rowsPerChunk: number): Kernel {
   const chunks = Math.ceil(rows / rowsPerChunk);
+  if (cols % 4 === 0) {
+    // Four neighbouring columns per invocation: a quarter of the loads of g and x, and one load of a row's statistics
+    // serves four columns.
+    const words = cols / 4;
+    return {
+      key: `layernorm_bwd_params4/${rows}/${cols}/${rowsPerChunk}`,
+      wgsl: () =>
+        gridWgsl(
+          chunks * words,
+          `@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> stats: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> g: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> dweight_partial: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dbias_partial: array<vec4<f32>>;`,
+          `let col = i % ${words}u;
+  let first = (i / ${words}u) * ${rowsPerChunk}u;
+  let last = min(first + ${rowsPerChunk}u, ${rows}u);
+  var dw = vec4<f32>(0.0);
+  var db = vec4<f32>(0.0);
+  for (var r = first; r < last; r++) {
+    let gv = g[r * ${words}u + col];
+    let st = stats[r];
+    dw += gv * (x[r * ${words}u + col] - st.x) * st.y;
+    db += gv;
+  }
+  dweight_partial[i] = dw;
+  dbias_partial[i] = db;`,
+        ),
+    };
+  }
   return {
     key: `layernorm_bwd_params/${rows}/${cols}/${rowsPerChunk}`,
     wgsl: () =>

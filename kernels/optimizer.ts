@@ -40,57 +40,93 @@ export function adamwUniforms(u: AdamWUniforms): ArrayBuffer {
 /**
  * PyTorch's AdamW, elementwise: p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps), with g = grad * gradScale[0].
+ * Each invocation updates one vec4 word (4 elements: a quarter of the loads, which dominate on the CPU fallback). The
+ * last word of a tensor whose size is not a multiple of 4 reaches into the padding of its pooled buffers (sizes are
+ * whole 16-byte words); the padding keeps its old bits.
  */
 export function adamwKernel(): Kernel {
   return {
-    key: "adamw",
+    key: "adamw4",
     wgsl: () =>
       `${LINEAR_WORKGROUP_WGSL}
 struct U { n: u32, lr: f32, wd: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, clamp_min: f32, clamp_max: f32 };
-@group(0) @binding(0) var<storage, read_write> param: array<f32>;
-@group(0) @binding(1) var<storage, read> grad: array<f32>;
-@group(0) @binding(2) var<storage, read_write> m: array<f32>;
-@group(0) @binding(3) var<storage, read_write> v: array<f32>;
+@group(0) @binding(0) var<storage, read_write> param: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> grad: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> m: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> grad_scale: array<f32>;
 @group(0) @binding(5) var<uniform> u: U;
 @compute @workgroup_size(${OPTIMIZER_WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = linear_workgroup(wid, nwg) * ${OPTIMIZER_WG}u + lid.x;
-  if (i >= u.n) { return; }
+  if (4u * i >= u.n) { return; }
+  let padding = vec4<u32>(4u * i) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(u.n);
   let g = grad[i] * grad_scale[0];
-  var p = param[i] * (1.0 - u.lr * u.wd);
-  let mi = u.b1 * m[i] + (1.0 - u.b1) * g;
-  let vi = u.b2 * v[i] + (1.0 - u.b2) * g * g;
-  m[i] = mi;
-  v[i] = vi;
+  let p0 = param[i];
+  let m0 = m[i];
+  let v0 = v[i];
+  var p = p0 * (1.0 - u.lr * u.wd);
+  let mi = u.b1 * m0 + (1.0 - u.b1) * g;
+  let vi = u.b2 * v0 + (1.0 - u.b2) * g * g;
+  m[i] = select(mi, m0, padding);
+  v[i] = select(vi, v0, padding);
   p = p - (u.lr / u.bc1) * mi / (sqrt(vi) / sqrt(u.bc2) + u.eps);
-  param[i] = clamp(p, u.clamp_min, u.clamp_max);
+  param[i] = select(clamp(p, vec4<f32>(u.clamp_min), vec4<f32>(u.clamp_max)), p0, padding);
 }`,
   };
 }
 
-/** One workgroup per tensor: partial[slot] = sum(grad^2). Tree reduction in workgroup memory. */
+/** Workgroups of an `adamwKernel` dispatch for a tensor of n elements (before folding). */
+export function adamwWorkgroups(n: number): number {
+  return Math.ceil(Math.ceil(n / 4) / OPTIMIZER_WG);
+}
+
+/**
+ * vec4 words of gradient per partial sum of squares: each invocation sums one run of them, so a large tensor is
+ * spread over many invocations (and cores) and no workgroup needs barriers.
+ */
+export const SUM_SQUARES_WORDS = 256;
+
+/** Partial sums `sumSquaresKernel` writes for a tensor of n elements. */
+export function sumSquaresPartials(n: number): number {
+  return Math.max(1, Math.ceil(Math.ceil(n / 4) / SUM_SQUARES_WORDS));
+}
+
+/** Workgroups of a `sumSquaresKernel` dispatch for a tensor of n elements (before folding). */
+export function sumSquaresWorkgroups(n: number): number {
+  return Math.ceil(sumSquaresPartials(n) / OPTIMIZER_WG);
+}
+
+/**
+ * partial[first + j] = sum of grad^2 over the j-th run of SUM_SQUARES_WORDS words of a tensor of n elements; the
+ * padding of its last word counts as 0. The runs are fixed, so the total is deterministic.
+ */
 export function sumSquaresKernel(): Kernel {
   return {
-    key: "sum_squares",
-    wgsl: () => `
-struct U { n: u32, slot: u32 };
-@group(0) @binding(0) var<storage, read> grad: array<f32>;
+    key: "sum_squares4",
+    wgsl: () =>
+      `${LINEAR_WORKGROUP_WGSL}
+struct U { n: u32, first: u32 };
+@group(0) @binding(0) var<storage, read> grad: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> partial: array<f32>;
 @group(0) @binding(2) var<uniform> u: U;
-var<workgroup> acc: array<f32, ${OPTIMIZER_WG}>;
 @compute @workgroup_size(${OPTIMIZER_WG})
-fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
-  var s = 0.0;
-  for (var i = lid.x; i < u.n; i += ${OPTIMIZER_WG}u) { let g = grad[i]; s += g * g; }
-  acc[lid.x] = s;
-  workgroupBarrier();
-  for (var w = ${OPTIMIZER_WG / 2}u; w > 0u; w = w / 2u) {
-    if (lid.x < w) { acc[lid.x] += acc[lid.x + w]; }
-    workgroupBarrier();
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let j = linear_workgroup(wid, nwg) * ${OPTIMIZER_WG}u + lid.x;
+  let start = j * ${SUM_SQUARES_WORDS}u;
+  let words = (u.n + 3u) / 4u;
+  if (j > 0u && start >= words) { return; }
+  let whole = u.n / 4u;
+  var s = vec4<f32>(0.0);
+  for (var w = start; w < min(start + ${SUM_SQUARES_WORDS}u, whole); w++) { let g = grad[w]; s += g * g; }
+  if (whole < words && whole >= start && whole < start + ${SUM_SQUARES_WORDS}u) {
+    let inside = vec4<u32>(4u * whole) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(u.n);
+    let g = select(vec4<f32>(0.0), grad[whole], inside);
+    s += g * g;
   }
-  if (lid.x == 0u) { partial[u.slot] = acc[0]; }
+  partial[u.first + j] = (s.x + s.y) + (s.z + s.w);
 }`,
   };
 }

@@ -7,6 +7,9 @@ import { backward } from "../lib/tensor/autograd.ts";
 import { addInto, copyOf, fromArray, full, linearCombination } from "../lib/tensor/create.ts";
 import { add, div, exp, gelu, mul, quickGelu, relu, sub, sum, sumAxesForward } from "../lib/tensor/ops/elementwise.ts";
 import { concat, slice } from "../lib/tensor/ops/layout.ts";
+import { layerNorm } from "../lib/tensor/ops/norm.ts";
+import { softmax } from "../lib/tensor/ops/softmax.ts";
+import { withKernelStrategy } from "../lib/tensor/ops/strategy.ts";
 import { type Tensor, withScope } from "../lib/tensor/tensor.ts";
 
 /** Loss = sum(out * w) with fixed random w, so each output element gets a distinct upstream gradient. */
@@ -229,3 +232,98 @@ Deno.test("concat along the leading axis (copies) and a middle axis (vec4 words)
     }
   });
 });
+
+Deno.test("gradients of slices that split a tensor along its leading axis add block by block", async () => {
+  const g = await gpu();
+  await withScope(async () => {
+    // As attention splits q, k, v: each slice's gradient is padded to the whole tensor; the sums add only blocks.
+    const x = param(g, [3, 5, 8], 361);
+    const parts = [0, 1, 2].map((k) => slice(x.t, 0, k, k + 1));
+    const weighted = parts.map((p, k) => weightedSum(p, 362 + k));
+    backward(add(add(weighted[0].loss, weighted[1].loss), weighted[2].loss));
+    const dx = weighted.flatMap((w) => Array.from(w.w));
+    assertClose(await gradOf(x.t), dx, { rtol: 0, atol: 0, what: "dx" });
+    for (const [k, p] of parts.entries()) {
+      assertClose(await p.read(), x.v.slice(40 * k, 40 * (k + 1)), { rtol: 0, atol: 0, what: `part ${k}` });
+    }
+  });
+});
+
+// Row kernels of the CPU layout that keep rows in registers: vec4 words (widths 128 and 20), and rows of odd or even
+// widths loaded 4 or 2 at a time as whole words (softmax 65 and causal 6).
+const LAYER_NORM_ROWS: number[][] = [[10, 128], [4, 3, 20]];
+
+for (const shape of LAYER_NORM_ROWS) {
+  Deno.test(`layerNorm ${JSON.stringify(shape)} with rows in registers: forward and gradients match float64`, async () => {
+    const g = await gpu();
+    await withKernelStrategy("cpu", () =>
+      withScope(async () => {
+        const cols = shape[shape.length - 1];
+        const x = param(g, shape, 371, -2, 3);
+        const weight = param(g, [cols], 372, 0.5, 1.5);
+        const bias = param(g, [cols], 373);
+        const out = layerNorm(x.t, weight.t, bias.t);
+        const { loss, w } = weightedSum(out, 374);
+        backward(loss);
+        const y = new Float64Array(x.v.length), dx = new Float64Array(x.v.length);
+        const dw = new Float64Array(cols), db = new Float64Array(cols);
+        for (let r = 0; r < x.v.length / cols; r++) {
+          const row = x.v.subarray(r * cols, (r + 1) * cols);
+          const mu = row.reduce((a, v) => a + v, 0) / cols;
+          const rstd = 1 / Math.sqrt(row.reduce((a, v) => a + (v - mu) ** 2, 0) / cols + 1e-5);
+          let meanGw = 0, meanGwx = 0;
+          for (let c = 0; c < cols; c++) {
+            const xhat = (row[c] - mu) * rstd, up = w[r * cols + c];
+            y[r * cols + c] = xhat * weight.v[c] + bias.v[c];
+            meanGw += up * weight.v[c] / cols;
+            meanGwx += up * weight.v[c] * xhat / cols;
+            dw[c] += up * xhat;
+            db[c] += up;
+          }
+          for (let c = 0; c < cols; c++) {
+            const xhat = (row[c] - mu) * rstd;
+            dx[r * cols + c] = rstd * (w[r * cols + c] * weight.v[c] - meanGw - xhat * meanGwx);
+          }
+        }
+        assertClose(await out.read(), y, { what: "layerNorm forward" });
+        assertClose(await gradOf(x.t), dx, { what: "layerNorm dx", atol: 1e-4 });
+        assertClose(await gradOf(weight.t), dw, { what: "layerNorm dweight", atol: 1e-4 });
+        assertClose(await gradOf(bias.t), db, { what: "layerNorm dbias", atol: 1e-4 });
+      }));
+  });
+}
+
+const SOFTMAX_ROWS: [number[], boolean][] = [[[8, 65], false], [[2, 2, 6, 6], true], [[16, 32], false], [
+  [2, 8, 8],
+  true,
+]];
+
+for (const [shape, causal] of SOFTMAX_ROWS) {
+  const name = `softmax ${JSON.stringify(shape)}${causal ? " causal" : ""} with rows in registers`;
+  Deno.test(`${name}: forward and gradient match float64`, async () => {
+    const g = await gpu();
+    await withKernelStrategy("cpu", () =>
+      withScope(async () => {
+        const cols = shape[shape.length - 1];
+        const scaleBy = 0.7;
+        const x = param(g, shape, 381, -4, 4);
+        const out = softmax(x.t, { causal, scale: scaleBy });
+        const { loss, w } = weightedSum(out, 382);
+        backward(loss);
+        const y = new Float64Array(x.v.length), dx = new Float64Array(x.v.length);
+        for (let r = 0; r < x.v.length / cols; r++) {
+          const o = r * cols, limit = causal ? (r % cols) + 1 : cols;
+          let m = -Infinity, total = 0, gy = 0;
+          for (let j = 0; j < limit; j++) m = Math.max(m, scaleBy * x.v[o + j]);
+          for (let j = 0; j < limit; j++) total += Math.exp(scaleBy * x.v[o + j] - m);
+          for (let j = 0; j < limit; j++) {
+            y[o + j] = Math.exp(scaleBy * x.v[o + j] - m) / total;
+            gy += w[o + j] * y[o + j];
+          }
+          for (let j = 0; j < cols; j++) dx[o + j] = scaleBy * y[o + j] * (w[o + j] - gy);
+        }
+        assertClose(await out.read(), y, { what: "softmax forward", atol: 1e-6 });
+        assertClose(await gradOf(x.t), dx, { what: "softmax dx", atol: 1e-6 });
+      }));
+  });
+}

@@ -1,5 +1,11 @@
 import type { Gpu } from "../gpu/runtime.ts";
-import { accumulateKernel, elementGroups, fillKernel, linearCombinationKernel } from "../../kernels/elementwise.ts";
+import {
+  accumulateKernel,
+  accumulateRangeKernel,
+  elementGroups,
+  fillKernel,
+  linearCombinationKernel,
+} from "../../kernels/elementwise.ts";
 import { type DType, type Shape, shapeString, sizeOf, Tensor } from "./tensor.ts";
 
 /** An uninitialised tensor from the buffer pool. */
@@ -41,9 +47,39 @@ export function copyOf(t: Tensor): Tensor {
   return out;
 }
 
-/** dst += src in place (gradient accumulation). */
+/**
+ * Tensors known to be zero outside one range of elements (a slice's gradient padded to the whole input), by buffer
+ * with the tensor that made the promise: a later tensor on the same pooled buffer, or a write through `addInto`,
+ * voids it.
+ */
+const zeroOutside = new WeakMap<GPUBuffer, { owner: Tensor; first: number; count: number }>();
+
+/**
+ * Records that `t` is zero outside elements [first, first + count), so that `addInto(dst, t)` only adds that range.
+ * Only for tensors whose other elements are exactly +0 or -0 and that nothing writes afterwards.
+ */
+export function markZeroOutside(t: Tensor, first: number, count: number): void {
+  zeroOutside.set(t.buffer, { owner: t, first, count });
+}
+
+/**
+ * dst += src in place (gradient accumulation). Where src is known to be zero outside a range, only that range is
+ * added: the other elements of dst would get + 0, which leaves every value unchanged (a -0 would become +0).
+ */
 export function addInto(dst: Tensor, src: Tensor): void {
   if (dst.size !== src.size) throw new Error(`addInto: ${dst} and ${src} differ in size`);
+  zeroOutside.delete(dst.buffer);
+  const known = zeroOutside.get(src.buffer);
+  if (known && known.owner === src && !src.isDisposed) {
+    if (known.count > 0) {
+      dst.gpu.dispatch(
+        accumulateRangeKernel(known.first, known.count),
+        [dst.buffer, src.buffer],
+        elementGroups(known.count),
+      );
+    }
+    return;
+  }
   dst.gpu.dispatch(accumulateKernel(dst.size), [dst.buffer, src.buffer], elementGroups(dst.size));
 }
 

@@ -1,9 +1,11 @@
 import {
   adamwKernel,
   adamwUniforms,
+  adamwWorkgroups,
   clipCoefficientKernel,
-  OPTIMIZER_WG,
   sumSquaresKernel,
+  sumSquaresPartials,
+  sumSquaresWorkgroups,
 } from "../../kernels/optimizer.ts";
 import type { Gpu } from "../gpu/runtime.ts";
 import { foldWorkgroups } from "../gpu/runtime.ts";
@@ -60,7 +62,8 @@ export class AdamW {
       v: persist(zeros(gpu, param.shape)),
       decay: decays(name, param.shape),
     }));
-    this.partial = persist(zeros(gpu, [Math.max(1, this.slots.length)]));
+    const partials = this.slots.reduce((n, s) => n + sumSquaresPartials(s.param.size), 0);
+    this.partial = persist(zeros(gpu, [Math.max(1, partials)]));
     this.clipState = persist(fromArray(gpu, Float32Array.of(1, 0), [2]));
   }
 
@@ -69,16 +72,18 @@ export class AdamW {
     this.step++;
     const { beta1, beta2, eps, weightDecay } = this.config;
     const withGrad = this.slots.filter((s) => s.param.grad);
-    withGrad.forEach((s, slot) => {
+    let partials = 0;
+    for (const s of withGrad) {
       this.gpu.dispatch(
         sumSquaresKernel(),
         [s.param.grad!.buffer, this.partial.buffer],
-        1,
-        Uint32Array.of(s.param.size, slot),
+        foldWorkgroups(sumSquaresWorkgroups(s.param.size)),
+        Uint32Array.of(s.param.size, partials),
       );
-    });
+      partials += sumSquaresPartials(s.param.size);
+    }
     const clipUniform = new ArrayBuffer(8);
-    new Uint32Array(clipUniform, 0, 1)[0] = withGrad.length;
+    new Uint32Array(clipUniform, 0, 1)[0] = partials;
     new Float32Array(clipUniform, 4, 1)[0] = this.config.gradClip;
     this.gpu.dispatch(
       clipCoefficientKernel(),
@@ -102,7 +107,7 @@ export class AdamW {
       this.gpu.dispatch(
         adamwKernel(),
         [s.param.buffer, s.param.grad!.buffer, s.m.buffer, s.v.buffer, this.clipState.buffer],
-        foldWorkgroups(Math.ceil(s.param.size / OPTIMIZER_WG)),
+        foldWorkgroups(adamwWorkgroups(s.param.size)),
         new Uint8Array(uniforms),
       );
     }

@@ -14,7 +14,7 @@ import {
 } from "../../../kernels/layout.ts";
 import { elementGroups } from "../../../kernels/grid.ts";
 import { record } from "../autograd.ts";
-import { copyOf, empty } from "../create.ts";
+import { copyOf, empty, markZeroOutside } from "../create.ts";
 import { type Shape, shapeString, type Tensor } from "../tensor.ts";
 import { prefersCpuKernels } from "./strategy.ts";
 
@@ -121,6 +121,8 @@ function pad(g: Tensor, shape: Shape, block: AxisBlock): Tensor {
       if (end < whole.byteLength) e.clearBuffer(whole.buffer, end, whole.byteLength - end);
     });
     if (g.size > 0) g.gpu.copyBuffer(g.buffer, 0, whole.buffer, start, g.byteLength);
+    // Slices of one tensor (attention's q, k, v) each pad their gradient; the sum of those then adds only blocks.
+    markZeroOutside(whole, block.offset * block.inner, g.size);
   } else {
     g.gpu.dispatch(padBlockKernel(block), [g.buffer, whole.buffer], elementGroups(padInvocations(block)));
   }

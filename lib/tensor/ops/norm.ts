@@ -3,6 +3,7 @@ import {
   l2NormalizeForwardKernel,
   layerNormBackwardInputKernel,
   layerNormForwardKernel,
+  layerNormParamPartialsInvocations,
   layerNormParamPartialsKernel,
   type RowShape,
 } from "../../../kernels/norm.ts";
@@ -56,14 +57,14 @@ export function layerNorm(x: Tensor, weight: Tensor, bias: Tensor, eps = 1e-5): 
     let dweight: Tensor | null = null;
     let dbias: Tensor | null = null;
     if (weight.requiresGrad || bias.requiresGrad) {
-      const rowsPerChunk = Math.max(1, Math.ceil(Math.sqrt(shape.rows)));
+      const rowsPerChunk = paramRowsPerChunk(shape);
       const chunks = Math.ceil(shape.rows / rowsPerChunk);
       const dwPartial = empty(gpu, [chunks, shape.cols]);
       const dbPartial = empty(gpu, [chunks, shape.cols]);
       gpu.dispatch(
         layerNormParamPartialsKernel(shape, rowsPerChunk),
         [x.buffer, stats.buffer, g.buffer, dwPartial.buffer, dbPartial.buffer],
-        elementGroups(chunks * shape.cols),
+        elementGroups(layerNormParamPartialsInvocations(shape, rowsPerChunk)),
       );
       if (weight.requiresGrad) dweight = sumChunks(dwPartial, weight);
       if (bias.requiresGrad) dbias = sumChunks(dbPartial, bias);
@@ -75,6 +76,16 @@ export function layerNorm(x: Tensor, weight: Tensor, bias: Tensor, eps = 1e-5): 
   });
   if (!y.node) stats.dispose();
   return y;
+}
+
+// The parameter gradients' first pass: about this many invocations, each over at least MIN_ROWS_PER_CHUNK rows.
+const PARAM_PARTIAL_INVOCATIONS = 8192;
+const MIN_ROWS_PER_CHUNK = 16;
+
+function paramRowsPerChunk({ rows, cols }: RowShape): number {
+  const perRow = cols % 4 === 0 ? cols / 4 : cols;
+  const chunks = Math.max(1, Math.round(PARAM_PARTIAL_INVOCATIONS / perRow));
+  return Math.max(1, Math.min(rows, Math.max(MIN_ROWS_PER_CHUNK, Math.ceil(rows / chunks))));
 }
 
 /** Sums [chunks, C] partial column sums into a gradient shaped like `param`. */

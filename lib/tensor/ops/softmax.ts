@@ -1,5 +1,5 @@
 import { softmaxBackwardKernel, softmaxForwardKernel, type SoftmaxSpec } from "../../../kernels/softmax.ts";
-import { rowWorkgroups } from "../../../kernels/rows.ts";
+import { rowKernelWorkgroups } from "../../../kernels/rows.ts";
 import { record } from "../autograd.ts";
 import { empty } from "../create.ts";
 import type { Tensor } from "../tensor.ts";
@@ -27,13 +27,17 @@ export function softmax(x: Tensor, opts: SoftmaxOptions = {}): Tensor {
   const gpu = x.gpu;
   const layout = rowLayoutFor(gpu, spec.cols);
   const y = empty(gpu, x.shape);
-  gpu.dispatch(softmaxForwardKernel(spec, layout), [x.buffer, y.buffer], rowWorkgroups(spec.rows, layout));
+  gpu.dispatch(
+    softmaxForwardKernel(spec, layout),
+    [x.buffer, y.buffer],
+    rowKernelWorkgroups(spec.rows, spec.cols, layout),
+  );
   return record(y, "softmax", [x], (g) => {
     const dx = empty(gpu, x.shape);
     gpu.dispatch(
       softmaxBackwardKernel(spec, layout),
       [y.buffer, g.buffer, dx.buffer],
-      rowWorkgroups(spec.rows, layout),
+      rowKernelWorkgroups(spec.rows, spec.cols, layout),
     );
     return [dx];
   });
