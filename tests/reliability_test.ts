@@ -305,7 +305,21 @@ Deno.test("clip train: kill -9 while writing a checkpoint, after one and at rand
     });
     assert.deepEqual(report.problems, []);
     assert.equal(report.kills, 3);
-    assert.ok(report.killedWhileWritingCheckpoint >= 1, "one kill struck while a checkpoint was being written");
+    // Whether a kill lands inside the checkpoint write is a race with the writer; on a loaded machine try again.
+    let whileWriting = report.killedWhileWritingCheckpoint;
+    for (let attempt = 0; whileWriting === 0 && attempt < 3; attempt++) {
+      const again = await runTrainKillCycles({
+        workDir: `${dir}/again-${attempt}`,
+        kills: 1,
+        seed: 10 + attempt,
+        epochs: 1,
+        moments: ["mid-checkpoint"],
+        randomTimeMaxMs: 2500,
+      });
+      assert.deepEqual(again.problems, []);
+      whileWriting += again.killedWhileWritingCheckpoint;
+    }
+    assert.ok(whileWriting >= 1, "one kill struck while a checkpoint was being written");
     assert.ok(report.resumes >= 1);
     assert.equal(report.resumesVerified, report.resumes);
     assert.equal(report.stepsEqual, 6);
