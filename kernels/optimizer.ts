@@ -83,7 +83,7 @@ export function adamwWorkgroups(n: number): number {
 }
 
 /**
- * vec4 words of gradient per partial sum of squares: each invocation sums one run of them, so a large tensor is
+ * vec4 words of gradient per partial sum of squares (at most): each invocation sums that many, so a large tensor is
  * spread over many invocations (and cores) and no workgroup needs barriers.
  */
 export const SUM_SQUARES_WORDS = 256;
@@ -99,8 +99,9 @@ export function sumSquaresWorkgroups(n: number): number {
 }
 
 /**
- * partial[first + j] = sum of grad^2 over the j-th run of SUM_SQUARES_WORDS words of a tensor of n elements; the
- * padding of its last word counts as 0. The runs are fixed, so the total is deterministic.
+ * partial[first + j] = sum of grad^2 over the words j, j + P, j + 2P, ... of a tensor of n elements, for the
+ * P = `sumSquaresPartials(n)` partial sums (the padding of the last word counts as 0). Neighbouring invocations read
+ * neighbouring words (coalesced on GPUs) and the assignment is fixed, so the total is deterministic.
  */
 export function sumSquaresKernel(): Kernel {
   return {
@@ -115,13 +116,17 @@ struct U { n: u32, first: u32 };
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
   let j = linear_workgroup(wid, nwg) * ${OPTIMIZER_WG}u + lid.x;
-  let start = j * ${SUM_SQUARES_WORDS}u;
   let words = (u.n + 3u) / 4u;
-  if (j > 0u && start >= words) { return; }
+  let partials = max(1u, (words + ${SUM_SQUARES_WORDS - 1}u) / ${SUM_SQUARES_WORDS}u);
+  if (j >= partials) { return; }
   let whole = u.n / 4u;
   var s = vec4<f32>(0.0);
-  for (var w = start; w < min(start + ${SUM_SQUARES_WORDS}u, whole); w++) { let g = grad[w]; s += g * g; }
-  if (whole < words && whole >= start && whole < start + ${SUM_SQUARES_WORDS}u) {
+  for (var w = j; w < whole; w += partials) {
+    let g = grad[w];
+    s += g * g;
+  }
+  if (whole < words && whole % partials == j) {
+    // The last word of a size that is not a multiple of 4: its padding counts as 0.
     let inside = vec4<u32>(4u * whole) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(u.n);
     let g = select(vec4<f32>(0.0), grad[whole], inside);
     s += g * g;
