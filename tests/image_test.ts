@@ -8,12 +8,16 @@ import {
   ImageDecodeError,
   ImageTooLargeError,
   imageToRgbPng,
+  jpegHeader,
+  normaliseRgb,
   OPENAI_MEAN,
   OPENAI_STD,
   type Preprocess,
   sampleResizedCrop,
   shortestSideSize,
 } from "../lib/data/image.ts";
+import { type Pixels, resizeBicubic } from "../lib/data/resample.ts";
+import { SimdResizer } from "../lib/data/resample_simd.ts";
 
 const FIXTURES = new URL("./fixtures/preprocess/", import.meta.url);
 const OPENAI_224: Preprocess = { size: 224, mean: OPENAI_MEAN, std: OPENAI_STD };
@@ -266,4 +270,104 @@ Deno.test("imageToRgbPng composites on the background and writes an RGB PNG", as
   const greyRaw = await sharp(grey).raw().toBuffer({ resolveWithObject: true });
   assert.equal(greyRaw.info.channels, 3);
   assert.deepEqual([...greyRaw.data], [10, 10, 10, 200, 200, 200]);
+});
+
+/** Every reference image and Pillow-mode variant, with its name. */
+async function allFixtureImages(): Promise<[string, Uint8Array][]> {
+  const manifest = JSON.parse(await Deno.readTextFile(new URL("pillow_modes/manifest.json", FIXTURES)));
+  const names = [...REFERENCE_IMAGES, ...manifest.cases.map((c: { file: string }) => `pillow_modes/${c.file}`)];
+  return await Promise.all(names.map(async (n): Promise<[string, Uint8Array]> => [n, await readFixture(n)]));
+}
+
+Deno.test("SIMD resize equals the Pillow port byte for byte: 1-4 channels, up and down, windows, unchanged axes", () => {
+  const simd = SimdResizer.create();
+  assert.ok(simd, "this engine has WebAssembly SIMD");
+  const rng = seededRng(11);
+  const int = (lo: number, hi: number) => lo + Math.floor(rng() * (hi - lo + 1));
+  for (let n = 0; n < 150; n++) {
+    const channels = int(1, 4);
+    const width = int(1, 120);
+    const height = int(1, 120);
+    // Saturated values half the time: they make the filter overshoot past 0 and 255, which must clip the same way.
+    const data = Uint8Array.from(
+      { length: width * height * channels },
+      () => rng() < 0.5 ? int(0, 1) * 255 : int(0, 255),
+    );
+    const src: Pixels = { data, width, height, channels };
+    // Every fifth case keeps the width and every seventh the height: Pillow skips that pass, rounding and all.
+    const outWidth = n % 5 === 0 ? width : int(1, 260);
+    const outHeight = n % 7 === 0 ? height : int(1, 260);
+    const w = int(1, outWidth);
+    const h = int(1, outHeight);
+    const window = { left: int(0, outWidth - w), top: int(0, outHeight - h), width: w, height: h };
+    const expected = resizeBicubic(src, outWidth, outHeight, window).data;
+    const label = `${width}x${height}x${channels} -> ${outWidth}x${outHeight}, window ${JSON.stringify(window)}`;
+    simd.resize(src, outWidth, outHeight, window, (planes) => {
+      for (let y = 0; y < h; y++) {
+        for (let x = 0; x < w; x++) {
+          for (let c = 0; c < channels; c++) {
+            const got = planes.data[c * planes.planeStride + y * planes.rowStride + x];
+            const want = expected[(y * w + x) * channels + c];
+            if (got !== want) assert.fail(`${label}: (${x}, ${y}, ${c}) is ${got}, not ${want}`);
+          }
+        }
+      }
+    });
+  }
+});
+
+Deno.test("SIMD normalisation equals the float32 tables for every byte value, RGB and grey", () => {
+  const simd = SimdResizer.create()!;
+  const p: Preprocess = { size: 16, mean: OPENAI_MEAN, std: OPENAI_STD };
+  // 16 x 16 pixels: red runs through all 256 values, green and blue through them in other orders.
+  const rgb = Uint8Array.from({ length: 256 * 3 }, (_, i) => [i / 3, (i * 7) / 3, 255 - i / 3][i % 3] & 255);
+  const expected = normaliseRgb(rgb, 16, p);
+  const whole = { left: 0, top: 0, width: 16, height: 16 };
+  const out = new Float32Array(3 * 256);
+  // Unchanged size on both axes: the resize copies, so this checks the normalisation alone.
+  simd.resizeNormalised({ data: rgb, width: 16, height: 16, channels: 3 }, 16, 16, whole, p, out);
+  assertSameTensor(out, expected, "RGB");
+  const grey = Uint8Array.from({ length: 256 }, (_, i) => i);
+  const greyAsRgb = Uint8Array.from({ length: 256 * 3 }, (_, i) => Math.floor(i / 3));
+  simd.resizeNormalised({ data: grey, width: 16, height: 16, channels: 1 }, 16, 16, whole, p, out);
+  assertSameTensor(out, normaliseRgb(greyAsRgb, 16, p), "grey");
+});
+
+Deno.test("decodeEvalImage (SIMD path) equals the reference crop normalised, on every fixture image and mode", async () => {
+  const p: Preprocess = { size: 64, mean: OPENAI_MEAN, std: OPENAI_STD };
+  for (const [name, bytes] of await allFixtureImages()) {
+    const expected = normaliseRgb(await evalCropRgb(bytes, 64), 64, p);
+    assertSameTensor(await decodeEvalImage(bytes, p), expected, name);
+  }
+});
+
+Deno.test("decode into a given tensor: the same values, in the caller's array; a wrong size is refused", async () => {
+  const bytes = await readFixture("img0_300x200.jpg");
+  const p: Preprocess = { size: 32, mean: OPENAI_MEAN, std: OPENAI_STD };
+  const out = new Float32Array(3 * 32 * 32).fill(Number.NaN);
+  assert.equal(await decodeEvalImage(bytes, p, {}, out), out);
+  assertSameTensor(out, await decodeEvalImage(bytes, p));
+  const trainOut = new Float32Array(3 * 32 * 32);
+  assert.equal(await decodeTrainImage(bytes, p, seededRng(4), {}, trainOut), trainOut);
+  assertSameTensor(trainOut, await decodeTrainImage(bytes, p, seededRng(4)));
+  await assert.rejects(() => decodeEvalImage(bytes, p, {}, new Float32Array(10)), RangeError);
+});
+
+Deno.test("jpegHeader reads what sharp's metadata says, and leaves CMYK, PNG and broken headers to sharp", async () => {
+  let read = 0;
+  for (const [name, bytes] of await allFixtureImages()) {
+    const header = jpegHeader(bytes);
+    const meta = await sharp(bytes).metadata();
+    if (meta.format !== "jpeg" || meta.space === "cmyk") {
+      assert.equal(header, undefined, name);
+      continue;
+    }
+    read++;
+    const space = meta.space === "b-w" ? "grey" : "rgb";
+    assert.deepEqual(header, { width: meta.width, height: meta.height, space, handling: "direct" }, name);
+  }
+  assert.equal(read, 4, "img0, img3 (grey), downscale_422 and progressive");
+  const jpeg = await readFixture("img0_300x200.jpg");
+  assert.equal(jpegHeader(jpeg.subarray(0, 20)), undefined, "cut before the frame header");
+  assert.equal(jpegHeader(new Uint8Array([0xff, 0xd8, 0xff, 0xda, 0, 2])), undefined, "a scan before any frame");
 });

@@ -17,7 +17,7 @@ import {
   resizeNearest,
   unpremultiplyAlpha,
 } from "./resample.ts";
-import { type Planes, SimdResizer } from "./resample_simd.ts";
+import { SimdResizer } from "./resample_simd.ts";
 
 /** Model input geometry and normalisation. */
 export interface Preprocess {
@@ -215,8 +215,8 @@ function resizer(): SimdResizer | null {
 
 /**
  * Pillow's resize of this image to `width` x `height` (only `window` of it), convert("RGB") and normalisation, as the
- * model input. Images filtered as they are (RGB, grey) take the SIMD resize and are normalised straight from its
- * planes; the others (alpha, CMYK, palette) the general path, which has the same result for these too.
+ * model input. Images filtered as they are (RGB, grey) take the SIMD kernels; the others (alpha, CMYK, palette) the
+ * general path, which gives these the same result too.
  */
 function resizeToTensor(
   image: DecodedImage,
@@ -228,7 +228,7 @@ function resizeToTensor(
 ): Float32Array {
   const simd = image.handling === "direct" ? resizer() : null;
   if (!simd) return normaliseRgb(toRgb(resizeAsPillow(image, width, height, window), image.handling), p.size, p, out);
-  return simd.resize(image.pixels, width, height, window, (planes) => normalisePlanes(planes, p, out));
+  return simd.resizeNormalised(image.pixels, width, height, window, p, outputTensor(p.size, out));
 }
 
 /** Pillow's `convert("RGB")`: alpha dropped, grey replicated, CMYK by its naive formula. */
@@ -340,26 +340,6 @@ export function normaliseRgb(rgb: Uint8Array, size: number, p: Preprocess, out?:
   for (let c = 0; c < 3; c++) {
     const table = tables[c];
     for (let i = 0; i < plane; i++) tensor[c * plane + i] = table[rgb[3 * i + c]];
-  }
-  return tensor;
-}
-
-/** normaliseRgb for square RGB (3 planes) or grey (1 plane, taken for all three channels) planes. */
-function normalisePlanes(planes: Planes, p: Preprocess, out: Float32Array | undefined): Float32Array {
-  const { data, width, height, channels, rowStride, planeStride } = planes;
-  if (width !== p.size || height !== p.size || (channels !== 1 && channels !== 3)) {
-    throw new RangeError(`cannot normalise ${width}x${height}x${channels} planes into 3x${p.size}x${p.size}`);
-  }
-  const tables = tablesFor(p);
-  const tensor = outputTensor(p.size, out);
-  let i = 0;
-  for (let c = 0; c < 3; c++) {
-    const table = tables[c];
-    const plane = channels === 1 ? 0 : c * planeStride;
-    for (let y = 0; y < height; y++) {
-      const row = plane + y * rowStride;
-      for (let x = 0; x < width; x++) tensor[i++] = table[data[row + x]];
-    }
   }
   return tensor;
 }

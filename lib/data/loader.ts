@@ -101,8 +101,22 @@ interface Decoded {
 
 const textDecoder = new TextDecoder();
 
-/** Released batch buffers kept for reuse: enough for gradient accumulation over a few batches. */
-const MAX_SPARE_BATCHES = 4;
+/**
+ * Released batch image buffers, kept for the next batches of any Loader (the next epoch's too): a fresh 40 MB buffer
+ * costs thousands of page faults on first touch, which on some machines take as long as decoding the batch.
+ */
+const spareBatchImages: Float32Array[] = [];
+const MAX_SPARE_BYTES = 128 << 20;
+
+function takeBatchImages(length: number): Float32Array {
+  const i = spareBatchImages.findIndex((b) => b.length === length);
+  return i >= 0 ? spareBatchImages.splice(i, 1)[0] : new Float32Array(length);
+}
+
+function keepBatchImages(images: Float32Array): void {
+  const held = spareBatchImages.reduce((n, b) => n + b.byteLength, 0);
+  if (held + images.byteLength <= MAX_SPARE_BYTES) spareBatchImages.push(images);
+}
 
 export function captionOf(sample: RawSample, field?: string): string | null {
   if (field) {
@@ -144,8 +158,6 @@ export class Loader {
   };
   private readers: WebDatasetReader[];
   private next: number;
-  /** Released image buffers of full batches, for the next ones. */
-  private spareImages: Float32Array[] = [];
 
   constructor(private opts: LoaderOptions) {
     const workers = opts.workers ?? 1;
@@ -250,9 +262,8 @@ export class Loader {
         }
       }
     };
-    const batchImages = () => this.spareImages.pop() ?? new Float32Array(batchSize * pixels);
     let group: Decoded[] = [];
-    let images = batchImages();
+    let images = takeBatchImages(batchSize * pixels);
     try {
       while (true) {
         await fill();
@@ -269,14 +280,14 @@ export class Loader {
         if (group.length === batchSize) {
           yield this.assemble(group, images, contextLength, tokenizer);
           group = [];
-          images = batchImages();
+          images = takeBatchImages(batchSize * pixels);
         }
       }
       this.syncCounters();
       if (group.length > 0 && !this.opts.dropLast) {
         yield this.assemble(group, images.slice(0, group.length * pixels), contextLength, tokenizer);
       }
-      if (this.spareImages.length < MAX_SPARE_BATCHES) this.spareImages.push(images);
+      keepBatchImages(images);
     } finally {
       await source.return(undefined);
     }
@@ -301,9 +312,9 @@ export class Loader {
     this.syncCounters();
     let released = false;
     const release = () => {
-      if (released || images.length !== this.opts.batchSize * 3 * this.opts.preprocess.size ** 2) return;
+      if (released) return;
       released = true;
-      if (this.spareImages.length < MAX_SPARE_BATCHES) this.spareImages.push(images);
+      if (group.length === this.opts.batchSize) keepBatchImages(images); // a short last batch is its own size
     };
     return {
       images,

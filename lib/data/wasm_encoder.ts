@@ -114,7 +114,8 @@ export const v128Load = (address: Code): Code => [address, simd(0x00), memarg()]
 export const load8x8U = (address: Code): Code => [address, simd(0x02), memarg()];
 /** One 32-bit value in all four lanes. */
 export const load32Splat = (address: Code): Code => [address, simd(0x09), memarg()];
-export const v128Store = (address: Code, value: Code): Code => [address, value, simd(0x0b), memarg()];
+/** Stores 16 bytes at `address + offset`. */
+export const v128Store = (address: Code, value: Code, offset = 0): Code => [address, value, simd(0x0b), memarg(offset)];
 /** Stores byte lane `lane` of `value`. */
 export const store8Lane = (address: Code, value: Code, lane: number): Code => [
   address,
@@ -135,3 +136,7 @@ export const extendHighU16x8 = (v: Code): Code => [v, simd(0xaa)];
 export const i32x4ShrS = (v: Code, bits: Code): Code => [v, bits, simd(0xac)];
 export const i32x4Add = (a: Code, b: Code): Code => [a, b, simd(0xae)];
 export const i32x4Mul = (a: Code, b: Code): Code => [a, b, simd(0xb5)];
+export const f32x4Sub = (a: Code, b: Code): Code => [a, b, simd(0xe5)];
+export const f32x4Div = (a: Code, b: Code): Code => [a, b, simd(0xe7)];
+/** Unsigned 32-bit lanes to float32 lanes. */
+export const f32x4ConvertU = (v: Code): Code => [v, simd(0xfb)];
