@@ -28,7 +28,7 @@ const PREPROCESS: Preprocess = { size: 224, mean: OPENAI_MEAN, std: OPENAI_STD }
 const WORDS = ["a", "photo", "of", "the", "red", "small", "dog", "cat", "house", "on", "a", "sunny", "beach", "street"];
 
 /** A linear congruential generator: the same images and captions on every run. */
-function lcg(seed: number): () => number {
+export function lcg(seed: number): () => number {
   let state = seed >>> 0;
   return () => (state = (Math.imul(state, 1103515245) + 12345) >>> 0) / 4294967296;
 }
@@ -37,7 +37,7 @@ function lcg(seed: number): () => number {
  * Photo-like content (smooth colour gradients, a few soft blobs and mild noise) encoded at quality 90, so that the
  * JPEGs are about as large and as costly to decode as photographs of the same size.
  */
-async function syntheticJpeg(random: () => number): Promise<Uint8Array> {
+export async function syntheticJpeg(random: () => number): Promise<Uint8Array> {
   const width = 300 + Math.floor(random() * 201);
   const height = 300 + Math.floor(random() * 201);
   const phase = random() * 6;

@@ -1,12 +1,12 @@
 /**
  * Batches of decoded images, tokens, keys and labels from WebDataset shards.
  *
- * Decoding and preprocessing run in background threads (decode_pool.ts, `decodeWorkers` of them), with up to
- * `concurrency` images in flight, so they overlap each other and the GPU's work on the previous batch; the calling
- * thread only reads shards, tokenises and assembles. Several readers (`workers`) each take their share of the shards
- * (see webdataset.ts) and are interleaved round-robin, so the order is deterministic for a given seed whatever the
- * timing; the training crop of each sample is drawn from (seed, epoch, key) alone, so it does not depend on timing
- * either.
+ * Decoding and preprocessing run in background threads (decode_pool.ts: `decodeWorkers` of them started for the
+ * pass, or a `decodePool` shared with other passes), with up to `concurrency` images in flight, so they overlap each
+ * other and the GPU's work on the previous batch; the calling thread only reads shards, tokenises and copies pixels
+ * into the batch. Several readers (`workers`) each take their share of the shards (see webdataset.ts) and are
+ * interleaved round-robin, so the order is deterministic for a given seed whatever the timing; the training crop of
+ * each sample is drawn from (seed, epoch, key) alone, so it does not depend on timing or on the thread either.
  *
  * Every batch carries the reader positions just after its last sample: handing them back as `resumeFrom` continues
  * with the next batch exactly, even though the loader reads ahead.

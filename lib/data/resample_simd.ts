@@ -225,14 +225,18 @@ interface Kernels {
 
 let compiled: WebAssembly.Module | null | undefined;
 
-/** The compiled kernels, or null where the engine has no WebAssembly SIMD. */
+/** Whether the engine runs WebAssembly SIMD: a one-instruction module must validate. */
+function simdSupported(): boolean {
+  const probe: FunctionSpec = { name: "probe", params: [], locals: [V128], body: set(0, i32x4Splat(i32(0))) };
+  return WebAssembly.validate(encodeModule([probe]));
+}
+
+/** The compiled kernels, or null where the engine has no WebAssembly SIMD. A malformed kernel throws here. */
 function kernelModule(): WebAssembly.Module | null {
   if (compiled === undefined) {
-    try {
-      compiled = new WebAssembly.Module(encodeModule([horizontalKernel(), verticalKernel(), normaliseKernel()]));
-    } catch {
-      compiled = null;
-    }
+    compiled = simdSupported()
+      ? new WebAssembly.Module(encodeModule([horizontalKernel(), verticalKernel(), normaliseKernel()]))
+      : null;
   }
   return compiled;
 }
