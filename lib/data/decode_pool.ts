@@ -102,9 +102,12 @@ export function liveDecodeWorkers(): number {
   return liveWorkers;
 }
 
-/** The default pool size: one worker per core. */
+/** Beyond this many decode workers the thread reading the shards keeps up no more, and each costs an isolate. */
+const MAX_DEFAULT_WORKERS = 8;
+
+/** The default pool size: one worker per core, up to 8. */
 export function defaultDecodeWorkers(): number {
-  return Math.max(1, navigator.hardwareConcurrency || 1);
+  return Math.min(MAX_DEFAULT_WORKERS, Math.max(1, navigator.hardwareConcurrency || 1));
 }
 
 /** Deno's MessagePort, which can stop keeping the event loop alive (not in the DOM typings). */
