@@ -44,15 +44,22 @@ export async function syntheticJpeg(random: () => number): Promise<Uint8Array> {
   const blobs = Array.from({ length: 4 }, () => [random() * width, random() * height, 20 + random() * 80]);
   const pixels = new Uint8Array(width * height * 3);
   const noise = lcg(Math.floor(random() * 1e9));
+  const gx = Float64Array.from({ length: width }, (_, x) => 100 * Math.sin(x / 23 + phase));
+  const shade = new Float64Array(width);
   for (let y = 0; y < height; y++) {
     const gy = 100 * Math.cos(y / 31 - phase);
+    shade.fill(0);
+    for (const [bx, by, r] of blobs) {
+      // Only the columns near the blob can be inside it.
+      for (let x = Math.max(0, Math.floor(bx - r)); x < Math.min(width, Math.ceil(bx + r) + 1); x++) {
+        if ((x - bx) ** 2 + (y - by) ** 2 < r * r) shade[x] += 40;
+      }
+    }
     for (let x = 0; x < width; x++) {
-      let shade = 0;
-      for (const [bx, by, r] of blobs) if ((x - bx) ** 2 + (y - by) ** 2 < r * r) shade += 40;
       const i = (y * width + x) * 3;
-      pixels[i] = 128 + 100 * Math.sin(x / 23 + phase) - shade + 16 * noise();
-      pixels[i + 1] = 128 + gy + shade / 2 + 16 * noise();
-      pixels[i + 2] = ((x + y) >> 1) + shade + 16 * noise();
+      pixels[i] = 128 + gx[x] - shade[x] + 16 * noise();
+      pixels[i + 1] = 128 + gy + shade[x] / 2 + 16 * noise();
+      pixels[i + 2] = ((x + y) >> 1) + shade[x] + 16 * noise();
     }
   }
   const jpeg = await sharp(pixels, { raw: { width, height, channels: 3 } }).jpeg({ quality: 90 }).toBuffer();
@@ -66,13 +73,21 @@ export async function writeSyntheticShards(dir: string, count = IMAGE_COUNT, sha
     Array.from({ length: shardCount }, (_, s) => TarWriter.create(`${dir}/bench-${s}.tar`)),
   );
   const encoder = new TextEncoder();
-  for (let n = 0; n < count; n++) {
+  const write = async (n: number, jpeg: Promise<Uint8Array>, caption: string) => {
     const key = `sample${n.toString().padStart(6, "0")}`;
-    const words = Array.from({ length: 5 + Math.floor(random() * 10) }, () => WORDS[Math.floor(random() * 14)]);
     const writer = writers[n % shardCount];
-    await writer.add(`${key}.jpg`, await syntheticJpeg(random));
-    await writer.add(`${key}.txt`, encoder.encode(words.join(" ")));
+    await writer.add(`${key}.jpg`, await jpeg);
+    await writer.add(`${key}.txt`, encoder.encode(caption));
+  };
+  // Each image's pixels are drawn while the previous one is being encoded in sharp's threads.
+  let previous: (() => Promise<void>) | undefined;
+  for (let n = 0; n < count; n++) {
+    const words = Array.from({ length: 5 + Math.floor(random() * 10) }, () => WORDS[Math.floor(random() * 14)]);
+    const jpeg = syntheticJpeg(random);
+    await previous?.();
+    previous = () => write(n, jpeg, words.join(" "));
   }
+  await previous?.();
   for (const w of writers) await w.close();
   return writers.map((_, s) => `${dir}/bench-${s}.tar`);
 }
