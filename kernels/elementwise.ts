@@ -1,5 +1,6 @@
-// Elementwise kernels: fill, copy, unary maps and their derivatives, broadcasting binary ops, and sum-reductions over
-// any set of axes. Sizes and strides are baked into the code; one key per specialisation.
+// Elementwise kernels: fill, copy, unary maps and their derivatives, broadcasting binary ops (as vec4 words where the
+// sizes allow), and the chunked passes that sum over any set of axes. Sizes and strides are baked into the code; one
+// key per specialisation.
 import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
 
 export const ELEMENTWISE_WG = 256;
