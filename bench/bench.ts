@@ -20,6 +20,7 @@ const HOST_BENCHES: HostBench[] = [
   { module: "./tokenizer_bench.ts", exportName: "benchTokenizer" },
   { module: "./image_bench.ts", exportName: "benchDecode" },
   { module: "./tar_bench.ts", exportName: "benchTar" },
+  { module: "./loader_bench.ts", exportName: "benchLoader" },
 ];
 
 async function runHostBench(b: HostBench): Promise<BenchRow | string> {

@@ -53,6 +53,7 @@ export async function embedShards(
       images.push(new Float32Array(i));
       texts.push(new Float32Array(t));
     });
+    b.release?.();
     labels.push(...b.labels);
     keys.push(...b.keys);
     captions.push(...b.captions);

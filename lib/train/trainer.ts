@@ -5,6 +5,7 @@
  */
 import { ClipError } from "../errors.ts";
 import { type Batch, Loader, type LoaderCounters, type LoaderPosition } from "../data/loader.ts";
+import { DecodePool } from "../data/decode_pool.ts";
 import type { ClipTokenizer } from "../data/tokenizer.ts";
 import type { Gpu } from "../gpu/runtime.ts";
 import type { ClipModel } from "../nn/clip.ts";
@@ -141,91 +142,100 @@ export async function train(
   const addCounters = (c: LoaderCounters) => {
     for (const k of Object.keys(data) as (keyof LoaderCounters)[]) data[k] += c[k];
   };
-  outer: while (epoch < opts.epochs && step < totalSteps) {
-    const loader = new Loader({
-      shards: opts.shards,
-      tokenizer: ctx.tokenizer,
-      preprocess: ctx.preprocess,
-      contextLength: model.contextLength,
-      batchSize: opts.batchSize,
-      augment: true,
-      dropLast: true,
-      workers: opts.workers,
-      shuffleShards: true,
-      shuffleBuffer: opts.shuffleBuffer,
-      seed: opts.seed,
-      epoch,
-      resumeFrom: position,
-      onWarning: callbacks.onWarning,
-    });
-    const iterator = loader.batches()[Symbol.asyncIterator]();
-    while (step < totalSteps) {
-      const waitStart = performance.now();
-      const group: Batch[] = [];
-      while (group.length < opts.accumFreq) {
-        const r = await iterator.next();
-        if (r.done) break;
-        group.push(r.value);
-      }
-      if (group.length < opts.accumFreq) break; // the epoch's last partial step is dropped
-      const stepStart = performance.now();
-      const lr = cosineLr(opts.lr, opts.warmup, totalSteps, step);
-      const scope = new Scope();
-      let loss: number, logitScale: number, gradNorm: number;
-      try {
-        const lossTensor = recordStep(model, optimizer, group, lr);
-        const [l, clip, scale] = await gpu.readMany([
-          { buffer: lossTensor.buffer, bytes: 4 },
-          { buffer: optimizer.clipState.buffer, bytes: 8 },
-          { buffer: model.params.get("logit_scale").buffer, bytes: 4 },
-        ]);
-        loss = new Float32Array(l)[0];
-        gradNorm = new Float32Array(clip)[1];
-        logitScale = Math.exp(new Float32Array(scale)[0]);
-      } finally {
-        scope.end();
-      }
-      if (!Number.isFinite(loss)) {
-        throw new ClipError(
-          `training diverged at step ${step + 1}: the loss is ${loss}. The last good checkpoint is ${
-            lastCheckpoint ?? (await findLatestCheckpoint(opts.out)) ?? "none (no checkpoint was saved yet)"
-          }; lower --lr, raise --warmup or set --grad-clip, then --resume latest.`,
-        );
-      }
-      step++;
-      stepsThisRun++;
-      position = group[group.length - 1].position;
-      const now = performance.now();
-      const elapsed = (now - started) / 1000;
-      const rate = (step - startStep) / elapsed;
-      callbacks.onStep?.({
-        step,
-        totalSteps,
+  // One pool of decode workers for the whole run: starting them for every epoch costs a cold start each time.
+  const decodePool = new DecodePool();
+  try {
+    outer: while (epoch < opts.epochs && step < totalSteps) {
+      const loader = new Loader({
+        decodePool,
+        shards: opts.shards,
+        tokenizer: ctx.tokenizer,
+        preprocess: ctx.preprocess,
+        contextLength: model.contextLength,
+        batchSize: opts.batchSize,
+        augment: true,
+        dropLast: true,
+        workers: opts.workers,
+        shuffleShards: true,
+        shuffleBuffer: opts.shuffleBuffer,
+        seed: opts.seed,
         epoch,
-        loss,
-        lr,
-        logitScale,
-        gradNorm,
-        samplesPerSecond: group.reduce((n, b) => n + b.size, 0) / ((now - waitStart) / 1000),
-        dataWait: (stepStart - waitStart) / (now - waitStart),
-        etaSeconds: (totalSteps - step) / Math.max(rate, 1e-9),
+        resumeFrom: position,
+        onWarning: callbacks.onWarning,
       });
-      if (opts.saveEvery > 0 && step % opts.saveEvery === 0) {
-        await save();
-        savedAt = step;
+      const iterator = loader.batches()[Symbol.asyncIterator]();
+      while (step < totalSteps) {
+        const waitStart = performance.now();
+        const group: Batch[] = [];
+        while (group.length < opts.accumFreq) {
+          const r = await iterator.next();
+          if (r.done) break;
+          group.push(r.value);
+        }
+        if (group.length < opts.accumFreq) break; // the epoch's last partial step is dropped
+        const stepStart = performance.now();
+        const lr = cosineLr(opts.lr, opts.warmup, totalSteps, step);
+        const scope = new Scope();
+        let loss: number, logitScale: number, gradNorm: number;
+        try {
+          const lossTensor = recordStep(model, optimizer, group, lr);
+          const [l, clip, scale] = await gpu.readMany([
+            { buffer: lossTensor.buffer, bytes: 4 },
+            { buffer: optimizer.clipState.buffer, bytes: 8 },
+            { buffer: model.params.get("logit_scale").buffer, bytes: 4 },
+          ]);
+          loss = new Float32Array(l)[0];
+          gradNorm = new Float32Array(clip)[1];
+          logitScale = Math.exp(new Float32Array(scale)[0]);
+        } finally {
+          scope.end();
+          // The step's inputs were uploaded when it was recorded: the batch buffers can serve the next batches.
+          for (const b of group) b.release?.();
+        }
+        if (!Number.isFinite(loss)) {
+          throw new ClipError(
+            `training diverged at step ${step + 1}: the loss is ${loss}. The last good checkpoint is ${
+              lastCheckpoint ?? (await findLatestCheckpoint(opts.out)) ?? "none (no checkpoint was saved yet)"
+            }; lower --lr, raise --warmup or set --grad-clip, then --resume latest.`,
+          );
+        }
+        step++;
+        stepsThisRun++;
+        position = group[group.length - 1].position;
+        const now = performance.now();
+        const elapsed = (now - started) / 1000;
+        const rate = (step - startStep) / elapsed;
+        callbacks.onStep?.({
+          step,
+          totalSteps,
+          epoch,
+          loss,
+          lr,
+          logitScale,
+          gradNorm,
+          samplesPerSecond: group.reduce((n, b) => n + b.size, 0) / ((now - waitStart) / 1000),
+          dataWait: (stepStart - waitStart) / (now - waitStart),
+          etaSeconds: (totalSteps - step) / Math.max(rate, 1e-9),
+        });
+        if (opts.saveEvery > 0 && step % opts.saveEvery === 0) {
+          await save();
+          savedAt = step;
+        }
+        if (opts.shouldStop?.() || (opts.maxSteps !== undefined && stepsThisRun >= opts.maxSteps)) {
+          stoppedEarly = true;
+          await iterator.return?.(undefined);
+          addCounters(loader.counters);
+          break outer;
+        }
       }
-      if (opts.shouldStop?.() || (opts.maxSteps !== undefined && stepsThisRun >= opts.maxSteps)) {
-        stoppedEarly = true;
-        await iterator.return?.(undefined);
-        addCounters(loader.counters);
-        break outer;
-      }
+      await iterator.return?.(undefined);
+      addCounters(loader.counters);
+      epoch++;
+      position = undefined;
+      await callbacks.onEpochEnd?.(epoch, step);
     }
-    await iterator.return?.(undefined);
-    addCounters(loader.counters);
-    epoch++;
-    position = undefined;
-    await callbacks.onEpochEnd?.(epoch, step);
+  } finally {
+    await decodePool.close();
   }
   if (savedAt !== step || !lastCheckpoint) await save();
   return { step, data, stoppedEarly, lastCheckpoint, resumedFrom: resume };
