@@ -104,6 +104,11 @@ async function main(): Promise<number> {
   }
   const wall: number[] = [];
   for (let i = 0; i < steps; i++) wall.push((await runStep()).ms);
+  if (!gpu.device.features.has("timestamp-query")) {
+    console.log(`wall time per step: min ${Math.min(...wall).toFixed(0)} ms, median ${median(wall).toFixed(0)} ms`);
+    console.error("this adapter has no timestamp queries, so there is no per-kernel profile (try the Vulkan back end)");
+    return 1;
+  }
 
   const families = new Map<string, FamilyTimes>();
   const slowest: { key: string; ms: number }[] = [];
