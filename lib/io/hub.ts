@@ -427,12 +427,14 @@ async function linkSnapshot(folder: string, commit: string, file: string, etag: 
   try {
     if ((await Deno.readLink(snapshotPath)) === target) return snapshotPath;
   } catch { /* absent or not a link */ }
-  await Deno.remove(snapshotPath).catch(() => {});
+  // Made under a private name and renamed into place, so concurrent downloads of the same file never collide.
+  const temp = `${snapshotPath}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
   try {
-    await Deno.symlink(target, snapshotPath);
+    await Deno.symlink(target, temp);
   } catch {
-    await Deno.copyFile(`${folder}/blobs/${etag}`, snapshotPath);
+    await Deno.copyFile(`${folder}/blobs/${etag}`, temp);
   }
+  await Deno.rename(temp, snapshotPath);
   return snapshotPath;
 }
 
