@@ -2,6 +2,7 @@
 // normalisation, logit scale, symmetric cross-entropy) against central finite differences of the float64 reference.
 import assert from "node:assert/strict";
 import { assertClose, gpu } from "./helpers.ts";
+import { type LossAndGradients, lossAndGradients } from "./step_helpers.ts";
 import {
   perturbedParameters,
   randomImages,
@@ -13,11 +14,6 @@ import { Rng } from "../lib/data/rng.ts";
 import { ClipModel } from "../lib/nn/clip.ts";
 import { type ClipConfig, parseClipConfig } from "../lib/nn/config.ts";
 import { initParameters } from "../lib/nn/init.ts";
-import { backward } from "../lib/tensor/autograd.ts";
-import { fromArray } from "../lib/tensor/create.ts";
-import { l2Normalize } from "../lib/tensor/ops.ts";
-import { withScope } from "../lib/tensor/tensor.ts";
-import { clipLoss, diagonalLabels } from "../lib/train/loss.ts";
 
 const TEXT = { context_length: 8, vocab_size: 64, width: 16, heads: 2, layers: 2, mlp_ratio: 2 };
 
@@ -36,44 +32,6 @@ const MICRO_RESNET: ClipConfig = parseClipConfig({
   vision_cfg: { image_size: 32, layers: [1, 1, 1, 1], width: 8, patch_size: null, head_width: 64 },
   text_cfg: { ...TEXT, layers: 1 },
 }, "micro ResNet");
-
-interface LossAndGradients {
-  loss: number;
-  grads: Map<string, Float32Array>;
-}
-
-/** The loss of one batch and every parameter's gradient, computed as a training step does, without the update. */
-async function gpuLossAndGradients(
-  model: ClipModel,
-  images: Float32Array,
-  tokens: Int32Array,
-  training: boolean,
-): Promise<LossAndGradients> {
-  const g = model.params.gpu;
-  const size = model.config.vision_cfg.image_size;
-  const batch = tokens.length / model.contextLength;
-  return await withScope(async () => {
-    const x = fromArray(g, images, [batch, 3, size, size]);
-    const text = model.uploadTokens(tokens);
-    const labels = diagonalLabels(model.params.get("logit_scale"), batch);
-    const image = l2Normalize(model.encodeImage(x, training));
-    const loss = clipLoss(image, l2Normalize(model.encodeText(text)), model.logitScaleExp(), labels);
-    backward(loss);
-    const trainable = model.params.trainable();
-    for (const [name, t] of trainable) assert.ok(t.grad, `no gradient reached '${name}'`);
-    const data = await g.readMany(
-      [loss, ...trainable.map(([, t]) => t.grad!)].map((t) => ({ buffer: t.buffer, bytes: t.byteLength })),
-    );
-    for (const [, t] of trainable) {
-      t.grad!.dispose();
-      t.grad = null;
-    }
-    return {
-      loss: new Float32Array(data[0])[0],
-      grads: new Map(trainable.map(([name], i) => [name, new Float32Array(data[i + 1])])),
-    };
-  });
-}
 
 interface Entry {
   name: string;
@@ -126,7 +84,7 @@ async function checkGradients(
   const model = ClipModel.fromStateDict(await gpu(), cfg, state);
   let result: LossAndGradients;
   try {
-    result = await gpuLossAndGradients(model, images, tokens, opts.training);
+    result = await lossAndGradients(model, images, tokens, opts.training);
   } finally {
     model.params.dispose();
   }

@@ -3,6 +3,8 @@
 // gradient accumulation over micro-batches against one large batch.
 import assert from "node:assert/strict";
 import { assertClose, gpu } from "./helpers.ts";
+import { lossAndGradients } from "./step_helpers.ts";
+import { withScope } from "../lib/tensor/tensor.ts";
 import {
   perturbedParameters,
   randomImages,
@@ -18,11 +20,6 @@ import { ClipModel } from "../lib/nn/clip.ts";
 import { type ClipConfig, parseClipConfig } from "../lib/nn/config.ts";
 import { initParameters } from "../lib/nn/init.ts";
 import type { HostTensor } from "../lib/nn/params.ts";
-import { backward } from "../lib/tensor/autograd.ts";
-import { fromArray } from "../lib/tensor/create.ts";
-import { l2Normalize } from "../lib/tensor/ops.ts";
-import { withScope } from "../lib/tensor/tensor.ts";
-import { clipLoss, diagonalLabels } from "../lib/train/loss.ts";
 import { AdamW, type AdamWConfig, OPEN_CLIP_ADAMW } from "../lib/train/optimizer.ts";
 import { recordStep } from "../lib/train/step.ts";
 
@@ -44,37 +41,6 @@ function maxAbs(values: Iterable<ArrayLike<number>>): number {
   let m = 0;
   for (const v of values) for (let i = 0; i < v.length; i++) m = Math.max(m, Math.abs(v[i]));
   return m;
-}
-
-/**
- * Records the loss of one batch and its backward pass as a training step does, and reads the loss and every
- * parameter's gradient. The gradients stay on the parameters for an optimizer to use.
- */
-async function lossAndGradients(
-  model: ClipModel,
-  images: Float32Array,
-  tokens: Int32Array,
-): Promise<{ loss: number; grads: Map<string, Float32Array> }> {
-  const g = model.params.gpu;
-  const size = model.config.vision_cfg.image_size;
-  const batch = tokens.length / model.contextLength;
-  return await withScope(async () => {
-    const x = fromArray(g, images, [batch, 3, size, size]);
-    const text = model.uploadTokens(tokens);
-    const labels = diagonalLabels(model.params.get("logit_scale"), batch);
-    const image = l2Normalize(model.encodeImage(x, true));
-    const loss = clipLoss(image, l2Normalize(model.encodeText(text)), model.logitScaleExp(), labels);
-    backward(loss);
-    const trainable = model.params.trainable();
-    for (const [name, t] of trainable) assert.ok(t.grad, `no gradient reached '${name}'`);
-    const data = await g.readMany(
-      [loss, ...trainable.map(([, t]) => t.grad!)].map((t) => ({ buffer: t.buffer, bytes: t.byteLength })),
-    );
-    return {
-      loss: new Float32Array(data[0])[0],
-      grads: new Map(trainable.map(([name], i) => [name, new Float32Array(data[i + 1])])),
-    };
-  });
 }
 
 Deno.test("the loss and every parameter gradient of one step on a tiny model equal a float64 reference", async () => {
