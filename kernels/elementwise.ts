@@ -1,30 +1,13 @@
 // Elementwise kernels: fill, copy, unary maps and their derivatives, broadcasting binary ops (as vec4 words where the
 // sizes allow), and the chunked passes that sum over any set of axes. Sizes and strides are baked into the code; one
 // key per specialisation.
-import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
+import type { Kernel } from "../lib/gpu/runtime.ts";
+import { elementGroups, ELEMENTWISE_WG, gridKernel } from "./grid.ts";
 
-export const ELEMENTWISE_WG = 256;
-
-/** Number of workgroups for one invocation per element. */
-export function elementGroups(n: number): number {
-  return Math.ceil(n / ELEMENTWISE_WG);
-}
+export { elementGroups, ELEMENTWISE_WG };
 
 function elementwise(key: string, n: number, bindings: string, body: string, helpers = ""): Kernel {
-  return {
-    key,
-    wgsl: () =>
-      `${LINEAR_WORKGROUP_WGSL}
-${helpers}
-${bindings}
-@compute @workgroup_size(${ELEMENTWISE_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_workgroup(wid, nwg) * ${ELEMENTWISE_WG}u + lid.x;
-  if (i >= ${n}u) { return; }
-  ${body}
-}`,
-  };
+  return gridKernel(key, n, bindings, body, helpers);
 }
 
 /**
@@ -44,20 +27,7 @@ export function isVectorisable(n: number): boolean {
 /** A kernel whose `body` runs once for each vec4 word `i` in [0, n / 4). */
 function elementwiseVec4(key: string, n: number, bindings: string, body: string, helpers = ""): Kernel {
   if (!isVectorisable(n)) throw new Error(`${key}: ${n} elements are not whole vec4 words`);
-  return {
-    key,
-    wgsl: () =>
-      `${LINEAR_WORKGROUP_WGSL}
-${helpers}
-${bindings}
-@compute @workgroup_size(${VECTOR_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_workgroup(wid, nwg) * ${VECTOR_WG}u + lid.x;
-  if (i >= ${n / 4}u) { return; }
-  ${body}
-}`,
-  };
+  return gridKernel(key, n / 4, bindings, body, helpers, VECTOR_WG);
 }
 
 const f32lit = (v: number) =>

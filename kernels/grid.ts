@@ -1,22 +1,49 @@
 // One invocation per output element over a 1-D grid of any size (folded into y past 65535 workgroups), for the op
 // families whose kernels are plain index maps (layout, gather, loss gradients, column partial sums).
-import { LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
-import { ELEMENTWISE_WG } from "./elementwise.ts";
+import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
 
-export { elementGroups } from "./elementwise.ts";
+/** Elements covered by one workgroup of a grid kernel. */
+export const ELEMENTWISE_WG = 256;
 
-/** A kernel whose `body` runs once for each `i` in [0, n), with `bindings` declared at module scope. */
-export function gridWgsl(n: number, bindings: string, body: string, helpers = ""): string {
+/** Number of workgroups for one invocation per element (fold them with the runtime's 1-D dispatch). */
+export function elementGroups(n: number): number {
+  return Math.ceil(n / ELEMENTWISE_WG);
+}
+
+/**
+ * A kernel whose `body` runs once for each `i` in [0, n), with `bindings` (and `helpers`) declared at module scope;
+ * `body` may `return` to skip an element. Vector kernels pass a smaller workgroup so that one still covers
+ * ELEMENTWISE_WG elements.
+ */
+export function gridWgsl(
+  n: number,
+  bindings: string,
+  body: string,
+  helpers = "",
+  workgroupSize = ELEMENTWISE_WG,
+): string {
   return `${LINEAR_WORKGROUP_WGSL}
 ${helpers}
 ${bindings}
-@compute @workgroup_size(${ELEMENTWISE_WG})
+@compute @workgroup_size(${workgroupSize})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_workgroup(wid, nwg) * ${ELEMENTWISE_WG}u + lid.x;
+  let i = linear_workgroup(wid, nwg) * ${workgroupSize}u + lid.x;
   if (i >= ${n}u) { return; }
   ${body}
 }`;
+}
+
+/** `gridWgsl` as a cacheable kernel. */
+export function gridKernel(
+  key: string,
+  n: number,
+  bindings: string,
+  body: string,
+  helpers = "",
+  workgroupSize?: number,
+): Kernel {
+  return { key, wgsl: () => gridWgsl(n, bindings, body, helpers, workgroupSize) };
 }
 
 /** A float constant as WGSL source (finite values only; kernels bake hyper-parameters such as eps). */

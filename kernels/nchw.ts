@@ -1,32 +1,19 @@
 // Pieces shared by the image kernel families (conv, pool, batchnorm): a one-invocation-per-element template whose
 // grid may exceed the per-dimension workgroup limit, and a workgroup-wide sum for per-channel reductions.
-import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
+import type { Kernel } from "../lib/gpu/runtime.ts";
+import { elementGroups, ELEMENTWISE_WG, gridKernel } from "./grid.ts";
 
-export const PER_ELEMENT_WG = 256;
+export const PER_ELEMENT_WG = ELEMENTWISE_WG;
 
 /** Workgroups for one invocation per element (fold them with the runtime's 1-D dispatch). */
-export function perElementGroups(n: number): number {
-  return Math.ceil(n / PER_ELEMENT_WG);
-}
+export const perElementGroups = elementGroups;
 
 /**
  * A kernel whose invocation `i` (0 <= i < n) runs `body`. `declarations` holds bindings, structs and helper
  * functions; `body` may `return` to skip an element.
  */
 export function perElementKernel(key: string, n: number, declarations: string, body: string): Kernel {
-  return {
-    key,
-    wgsl: () =>
-      `${LINEAR_WORKGROUP_WGSL}
-${declarations}
-@compute @workgroup_size(${PER_ELEMENT_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  let i = linear_workgroup(wid, nwg) * ${PER_ELEMENT_WG}u + lid.x;
-  if (i >= ${n}u) { return; }
-  ${body}
-}`,
-  };
+  return gridKernel(key, n, declarations, body);
 }
 
 /** Threads of a per-channel reduction workgroup (a power of two). */
