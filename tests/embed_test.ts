@@ -128,17 +128,17 @@ Deno.test("clip embed: 3 partitions of 7 shards (flags and JOB_COMPLETION_INDEX)
       "img_emb_4.npy",
       "img_emb_6.npy",
     ]);
-    // The third process takes its partition from a Kubernetes Indexed Job's environment.
-    Deno.env.set("JOB_COMPLETION_INDEX", "2");
-    Deno.env.set("CLIP_SHARD_COUNT", "3");
-    try {
-      const { code, stderr } = await embed([...common, "--out", merged]);
-      assert.equal(code, 0);
-      assert.match(stderr, /partition 2 of 3 \(JOB_COMPLETION_INDEX of CLIP_SHARD_COUNT\)/);
-    } finally {
-      Deno.env.delete("JOB_COMPLETION_INDEX");
-      Deno.env.delete("CLIP_SHARD_COUNT");
-    }
+    // The third process takes its partition from a Kubernetes Indexed Job's environment. A child process: test
+    // modules share one process, so setting the variables here would leak into tests running beside this one.
+    const child = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", new URL("../cli.ts", import.meta.url).pathname, "embed", ...common, "--out", merged],
+      env: { JOB_COMPLETION_INDEX: "2", CLIP_SHARD_COUNT: "3" },
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    const childErr = new TextDecoder().decode(child.stderr);
+    assert.equal(child.code, 0, childErr);
+    assert.match(childErr, /partition 2 of 3 \(JOB_COMPLETION_INDEX of CLIP_SHARD_COUNT\)/);
 
     // Every part exactly once, named by shard index, byte-identical to the single run's.
     for (const sub of ["img_emb", "text_emb", "metadata"]) {

@@ -201,18 +201,23 @@ Deno.test("clip eval retrieval and linear-probe: partitions (flags and a Slurm a
     const out = `${dir}/retrieval`;
     await partition(retrieval, out, 0);
     await partition(retrieval, out, 1);
-    Deno.env.set("SLURM_ARRAY_TASK_ID", "2");
-    Deno.env.set("SLURM_ARRAY_TASK_COUNT", "3");
-    try {
-      const run = await captured(() => evalCommand.run([...retrieval, "--out", out]));
-      assert.equal(run.result, 0, run.stderr);
-      assert.match(run.stderr, /partition 2 of 3 \(SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT\)/);
-      // Without --out, a partitioned process refuses to report the metrics of its share alone.
-      await assert.rejects(captured(() => evalCommand.run(retrieval)), /partition 2 of 3 .*give --out DIR/);
-    } finally {
-      Deno.env.delete("SLURM_ARRAY_TASK_ID");
-      Deno.env.delete("SLURM_ARRAY_TASK_COUNT");
-    }
+    // A Slurm array task, in a child process: test modules share one process, so the variables must not be set here.
+    const slurm = async (args: string[]) => {
+      const r = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", CLI, "eval", ...args],
+        env: { SLURM_ARRAY_TASK_ID: "2", SLURM_ARRAY_TASK_COUNT: "3" },
+        stdout: "null",
+        stderr: "piped",
+      }).output();
+      return { code: r.code, stderr: new TextDecoder().decode(r.stderr) };
+    };
+    const run = await slurm([...retrieval, "--out", out]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stderr, /partition 2 of 3 \(SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT\)/);
+    // Without --out, a partitioned process refuses to report the metrics of its share alone.
+    const refused = await slurm(retrieval);
+    assert.equal(refused.code, 2);
+    assert.match(refused.stderr, /partition 2 of 3 .*give --out DIR/);
     assert.deepEqual(await evalJson(["--merge", out]), single);
 
     // The probe: 3 training shards after the 7 test shards make 10 parts, partition p taking parts p, p+3, ...
