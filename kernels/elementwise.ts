@@ -2,7 +2,7 @@
 // sizes allow), and the chunked passes that sum over any set of axes. Sizes and strides are baked into the code; one
 // key per specialisation.
 import type { Kernel } from "../lib/gpu/runtime.ts";
-import { elementGroups, ELEMENTWISE_WG, gridKernel } from "./grid.ts";
+import { elementGroups, ELEMENTWISE_WG, ENABLE_F16, gridKernel } from "./grid.ts";
 
 export { elementGroups, ELEMENTWISE_WG };
 
@@ -35,22 +35,35 @@ const f32lit = (v: number) =>
     ? `f32(${v.toExponential()})`
     : (v > 0 ? "bitcast<f32>(0x7f800000u)" : v < 0 ? "bitcast<f32>(0xff800000u)" : "bitcast<f32>(0x7fc00000u)");
 
-export function fillKernel(n: number, value: number, type: "f32" | "i32" = "f32"): Kernel {
-  const lit = type === "f32" ? f32lit(value) : `${Math.trunc(value)}i`;
-  if (isVectorisable(n)) {
-    return elementwiseVec4(
+export function fillKernel(n: number, value: number, type: "f32" | "f16" | "i32" = "f32"): Kernel {
+  const lit = type === "i32" ? `${Math.trunc(value)}i` : type === "f16" ? `f16(${f32lit(value)})` : f32lit(value);
+  const kernel = isVectorisable(n)
+    ? elementwiseVec4(
       `fill4/${type}/${n}/${value}`,
       n,
       `@group(0) @binding(0) var<storage, read_write> out: array<vec4<${type}>>;`,
       `out[i] = vec4<${type}>(${lit});`,
+    )
+    : elementwise(
+      `fill/${type}/${n}/${value}`,
+      n,
+      `@group(0) @binding(0) var<storage, read_write> out: array<${type}>;`,
+      `out[i] = ${lit};`,
     );
-  }
-  return elementwise(
-    `fill/${type}/${n}/${value}`,
-    n,
-    `@group(0) @binding(0) var<storage, read_write> out: array<${type}>;`,
-    `out[i] = ${lit};`,
-  );
+  return type === "f16" ? { key: kernel.key, wgsl: () => ENABLE_F16 + kernel.wgsl() } : kernel;
+}
+
+/** out = T(src) between f32 and f16 (round to nearest even when narrowing, exact when widening). */
+export function castKernel(n: number, from: "f32" | "f16", to: "f32" | "f16"): Kernel {
+  const vector = isVectorisable(n);
+  const word = (t: string) => vector ? `vec4<${t}>` : t;
+  const bindings = `@group(0) @binding(0) var<storage, read> src: array<${word(from)}>;
+@group(0) @binding(1) var<storage, read_write> out: array<${word(to)}>;`;
+  const body = `out[i] = ${word(to)}(src[i]);`;
+  const kernel = vector
+    ? elementwiseVec4(`cast4/${from}/${to}/${n}`, n, bindings, body)
+    : elementwise(`cast/${from}/${to}/${n}`, n, bindings, body);
+  return { key: kernel.key, wgsl: () => ENABLE_F16 + kernel.wgsl() };
 }
 
 /** out = a * alpha + b * beta, elementwise over equal sizes (covers copy, accumulate, axpy). */

@@ -2,6 +2,12 @@
 // families whose kernels are plain index maps (layout, gather, loss gradients, column partial sums).
 import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
 
+/**
+ * Put first in a module that names f16 (WGSL wants enable directives before any declaration); valid only on devices
+ * created with the shader-f16 feature.
+ */
+export const ENABLE_F16 = "enable f16;\n";
+
 /** Elements covered by one workgroup of a grid kernel. */
 export const ELEMENTWISE_WG = 256;
 

@@ -3,6 +3,10 @@
 // copies. This is the portable kernel; faster specialisations (texture operands on the CPU fallback) sit beside it.
 import { type Kernel } from "../lib/gpu/runtime.ts";
 import { UNARY_HELPERS_WGSL, unaryExpression, type UnaryOp } from "./elementwise.ts";
+import { ENABLE_F16 } from "./grid.ts";
+
+/** Element type of a matmul operand: f16 operands are widened on load, so products always accumulate in f32. */
+export type OperandType = "f32" | "f16";
 
 export interface MatmulSpec {
   batch: number;
@@ -20,6 +24,8 @@ export interface MatmulSpec {
   savePreActivation: boolean;
   /** Add a residual tensor of C's shape after the activation. */
   residual: boolean;
+  aType: OperandType;
+  bType: OperandType;
 }
 
 const TM = 4;
@@ -35,10 +41,12 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
   const { m, n, k, transA, transB, aBatchStride, bBatchStride } = spec;
   const key = `matmul_buf/${JSON.stringify(spec)}`;
   // Element (row, col) of op(A) and op(B).
+  const widen = (type: OperandType, load: string) => type === "f16" ? `f32(${load})` : load;
   const aAt = (r: string, c: string) =>
-    transA ? `a[aBase + (${c}) * ${m}u + (${r})]` : `a[aBase + (${r}) * ${k}u + (${c})]`;
+    widen(spec.aType, transA ? `a[aBase + (${c}) * ${m}u + (${r})]` : `a[aBase + (${r}) * ${k}u + (${c})]`);
   const bAt = (r: string, c: string) =>
-    transB ? `b[bBase + (${c}) * ${k}u + (${r})]` : `b[bBase + (${r}) * ${n}u + (${c})]`;
+    widen(spec.bType, transB ? `b[bBase + (${c}) * ${k}u + (${r})]` : `b[bBase + (${r}) * ${n}u + (${c})]`);
+  const usesF16 = spec.aType === "f16" || spec.bType === "f16";
   let binding = 3;
   const extra: string[] = [];
   if (spec.bias) extra.push(`@group(0) @binding(${binding++}) var<storage, read> bias: array<f32>;`);
@@ -60,9 +68,9 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
   return {
     key,
     wgsl: () =>
-      `${UNARY_HELPERS_WGSL}
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
+      `${usesF16 ? ENABLE_F16 : ""}${UNARY_HELPERS_WGSL}
+@group(0) @binding(0) var<storage, read> a: array<${spec.aType}>;
+@group(0) @binding(1) var<storage, read> b: array<${spec.bType}>;
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
 ${extra.join("\n")}
 

@@ -18,6 +18,8 @@
 // consecutive segments overlap and every tile lies wholly inside one.
 import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
 import { UNARY_HELPERS_WGSL, unaryExpression, type UnaryOp } from "./elementwise.ts";
+import { ENABLE_F16 } from "./grid.ts";
+import type { OperandType } from "./matmul.ts";
 
 /** Rows per texture segment: lavapipe's maxTextureDimension2D (WebGPU's default limit is only 8192). */
 export const TEXTURE_SEGMENT_ROWS = 16384;
@@ -68,8 +70,8 @@ export interface OperandLayout {
 /**
  * Chooses how `batches` stored matrices of rows x cols go into a texture. A copy needs 256-byte rows
  * (copyBufferToTexture) and, for k rows, no padding; rows past a tile's end may then hold the next batch entry or
- * stale values: they only reach outputs that are never stored. Otherwise the pack kernel pads rows to `rowAlign`
- * and columns to `colAlign` floats with zeros.
+ * stale values: they only reach outputs that are never stored. Otherwise (and always for f16 operands, which the
+ * pack kernel widens) the pack kernel pads rows to `rowAlign` and columns to `colAlign` floats with zeros.
  */
 export function operandLayout(
   rows: number,
@@ -78,11 +80,12 @@ export function operandLayout(
   role: RowRole,
   rowAlign: number,
   colAlign: number,
+  type: OperandType = "f32",
 ): OperandLayout {
   if (TEXTURE_SEGMENT_ROWS % rowAlign !== 0 || colAlign % 4 !== 0) {
     throw new Error(`operandLayout: row alignment ${rowAlign} must divide ${TEXTURE_SEGMENT_ROWS}, ${colAlign} be 4k`);
   }
-  const copied = (cols * 4) % 256 === 0 && (role === "tile" || rows % rowAlign === 0);
+  const copied = type === "f32" && (cols * 4) % 256 === 0 && (role === "tile" || rows % rowAlign === 0);
   const rowsPerBatch = copied ? rows : Math.ceil(rows / rowAlign) * rowAlign;
   const texelsPerRow = copied ? cols / 4 : Math.ceil(cols / colAlign) * colAlign / 4;
   const aligned = rowsPerBatch % rowAlign === 0;
@@ -160,23 +163,27 @@ export function packWorkgroups(layout: OperandLayout): number {
   return Math.ceil(layout.batches * layout.rowsPerBatch / ROW_WG);
 }
 
-/** Copies stored matrices from a storage buffer into an operand texture, zero-filling the padding. */
-export function packKernel(vec4: boolean): Kernel {
+/**
+ * Copies stored matrices from a storage buffer into an operand texture, zero-filling the padding (and widening f16
+ * sources to f32).
+ */
+export function packKernel(vec4: boolean, type: OperandType = "f32"): Kernel {
   const texel = vec4
-    ? `if (x < p.cols / 4u) { v = src[(base + y * p.cols) / 4u + x]; }`
+    ? `if (x < p.cols / 4u) { v = vec4<f32>(src[(base + y * p.cols) / 4u + x]); }`
     : `v = vec4<f32>(${
-      [0, 1, 2, 3].map((j) => `select(0.0, src[base + y * p.cols + x * 4u + ${j}u], x * 4u + ${j}u < p.cols)`)
-        .join(", ")
+      [0, 1, 2, 3].map((j) =>
+        `select(0.0, f32(src[base + y * p.cols + x * 4u + ${j}u]), x * 4u + ${j}u < p.cols)`
+      ).join(", ")
     });`;
   return {
-    key: `matmul_pack/${vec4}`,
+    key: `matmul_pack/${vec4}/${type}`,
     wgsl: () =>
-      `${LINEAR_WORKGROUP_WGSL}
+      `${type === "f16" ? ENABLE_F16 : ""}${LINEAR_WORKGROUP_WGSL}
 ${SEGMENT_WGSL}
 struct Pack {
   rows: u32, cols: u32, rows_per_batch: u32, texels: u32, batch_stride: u32, total: u32, step: u32, p0: u32,
 }
-@group(0) @binding(0) var<storage, read> src: array<${vec4 ? "vec4<f32>" : "f32"}>;
+@group(0) @binding(0) var<storage, read> src: array<${vec4 ? `vec4<${type}>` : type}>;
 @group(0) @binding(1) var dst: texture_storage_2d<rgba32float, write>;
 @group(0) @binding(2) var<uniform> p: Pack;
 

@@ -1,6 +1,7 @@
 import { ClipError } from "../errors.ts";
 import { BufferPool, GpuLimitError } from "./buffer_pool.ts";
 import { type AdapterSummary, createDevice } from "./device.ts";
+import { TextureMemory } from "./texture_memory.ts";
 
 /**
  * A compute kernel specialisation. `key` names the kernel family and every value baked into its code (dtype, shape,
@@ -42,6 +43,7 @@ export interface RuntimeStats {
  */
 export class Gpu {
   readonly pool: BufferPool;
+  private readonly textures: TextureMemory;
   readonly stats: RuntimeStats = { dispatches: 0, submits: 0, reads: 0, pipelinesCompiled: 0, compileMs: 0 };
   private pipelines = new Map<string, CompiledKernel>();
   private encoder: GPUCommandEncoder | null = null;
@@ -58,6 +60,7 @@ export class Gpu {
 
   private constructor(readonly device: GPUDevice, readonly adapter: AdapterSummary) {
     this.pool = new BufferPool(device, STORAGE_USAGE);
+    this.textures = new TextureMemory(device);
     this.uniformAlign = device.limits.minUniformBufferOffsetAlignment;
     device.addEventListener("uncapturederror", (e) => {
       if (this.firstError !== null) return;
@@ -96,6 +99,14 @@ export class Gpu {
     this.stats.compileMs += compiled.compileMs;
     this.pipelines.set(kernel.key, compiled);
     return compiled;
+  }
+
+  /**
+   * Device memory held for tensors: every buffer the pool has made (in use or free) and every live texture. Uniform
+   * arenas and read-back staging buffers are left out: they are small and do not grow with the work.
+   */
+  get memoryBytes(): { buffers: number; textures: number } {
+    return { buffers: this.pool.allocatedBytes, textures: this.textures.bytes };
   }
 
   get pipelineCount(): number {
@@ -145,19 +156,21 @@ export class Gpu {
   /**
    * Records one dispatch. Bindings take indices 0..n-1 in order; `uniforms`, when given, is bound at index n.
    * `workgroups` may exceed the per-dimension limit in x: it is folded into y (kernels use `linearWorkgroup`).
+   * `detail` (a shape, say) is appended to the kernel key in profiles, for kernels whose key leaves sizes out.
    */
   dispatch(
     kernel: Kernel,
     bindings: Binding[],
     workgroups: number | [number, number?, number?],
     uniforms?: ArrayBufferView,
+    detail?: string,
   ) {
     this.checkBindingSizes(kernel, bindings);
     const { pipeline, layout } = this.compile(kernel);
     const entries: GPUBindGroupEntry[] = bindings.map((b, i) => ({ binding: i, resource: bindingResource(b) }));
     if (uniforms) entries.push({ binding: bindings.length, resource: this.stageUniforms(uniforms) });
     const bindGroup = this.device.createBindGroup({ layout, entries });
-    const pass = this.profile ? this.profiledPass(kernel.key) : this.computePass();
+    const pass = this.profile ? this.profiledPass(detail ? `${kernel.key} ${detail}` : kernel.key) : this.computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
     const [x, y, z] = typeof workgroups === "number" ? foldWorkgroups(workgroups) : workgroups;

@@ -6,11 +6,11 @@ import {
   fillKernel,
   linearCombinationKernel,
 } from "../../kernels/elementwise.ts";
-import { type DType, type Shape, shapeString, sizeOf, Tensor } from "./tensor.ts";
+import { type DType, type Shape, shapeString, sizeOf, storageBytes, Tensor } from "./tensor.ts";
 
 /** An uninitialised tensor from the buffer pool. */
 export function empty(gpu: Gpu, shape: Shape, dtype: DType = "f32"): Tensor {
-  return new Tensor(gpu, gpu.pool.acquire(sizeOf(shape) * 4), shape, dtype);
+  return new Tensor(gpu, gpu.pool.acquire(storageBytes(sizeOf(shape), dtype)), shape, dtype);
 }
 
 export function emptyLike(t: Tensor): Tensor {
@@ -31,13 +31,21 @@ export function fullLike(t: Tensor, value: number): Tensor {
   return full(t.gpu, t.shape, value, t.dtype);
 }
 
-/** Uploads host data. The shape must match the data's length. */
-export function fromArray(gpu: Gpu, data: ArrayLike<number> | Float32Array | Int32Array, shape: Shape): Tensor {
-  const dtype: DType = data instanceof Int32Array ? "i32" : "f32";
+/** Uploads host data (Int32Array: i32, Float16Array: f16, anything else: f32). The shape must match its length. */
+export function fromArray(
+  gpu: Gpu,
+  data: ArrayLike<number> | Float32Array | Float16Array | Int32Array,
+  shape: Shape,
+): Tensor {
+  const dtype: DType = data instanceof Int32Array ? "i32" : data instanceof Float16Array ? "f16" : "f32";
   if (sizeOf(shape) !== data.length) {
     throw new Error(`fromArray: ${data.length} values do not fill shape ${shapeString(shape)}`);
   }
-  const view = data instanceof Float32Array || data instanceof Int32Array ? data : Float32Array.from(data);
+  let view: ArrayBufferView;
+  if (data instanceof Float16Array) {
+    // Buffer writes come in whole 4-byte words: an odd count gets one padding half.
+    view = data.length % 2 === 0 ? data : Float16Array.from({ length: data.length + 1 }, (_, i) => data[i] ?? 0);
+  } else view = data instanceof Float32Array || data instanceof Int32Array ? data : Float32Array.from(data);
   return new Tensor(gpu, gpu.upload(view), shape, dtype);
 }
 

@@ -1,6 +1,15 @@
 import type { Gpu } from "../gpu/runtime.ts";
 
-export type DType = "f32" | "i32";
+/** Element types: f16 holds matmul operands under `--precision f16` (every op computes and accumulates in f32). */
+export type DType = "f32" | "f16" | "i32";
+
+/** Bytes per element. */
+export const DTYPE_BYTES: Record<DType, number> = { f32: 4, f16: 2, i32: 4 };
+
+/** Bytes a tensor of `size` elements occupies: buffers and copies come in whole 4-byte words. */
+export function storageBytes(size: number, dtype: DType): number {
+  return Math.ceil(size * DTYPE_BYTES[dtype] / 4) * 4;
+}
 export type Shape = readonly number[];
 
 /** A node of the autograd graph: how to turn the gradient of an op's output into gradients of its inputs. */
@@ -49,7 +58,7 @@ export class Tensor {
   }
 
   get byteLength(): number {
-    return this.size * 4;
+    return storageBytes(this.size, this.dtype);
   }
 
   get isDisposed(): boolean {
@@ -74,10 +83,13 @@ export class Tensor {
     return new Tensor(this.gpu, this.buffer, shape, this.dtype);
   }
 
+  /** The values as f32 (an f16 tensor's values are widened exactly). */
   async read(): Promise<Float32Array> {
     this.assertLive();
-    if (this.dtype !== "f32") throw new Error("read(): use readInt() for i32 tensors");
-    return new Float32Array(await this.gpu.read(this.buffer, this.byteLength));
+    if (this.dtype === "i32") throw new Error("read(): use readInt() for i32 tensors");
+    const bytes = await this.gpu.read(this.buffer, this.byteLength);
+    if (this.dtype === "f16") return Float32Array.from(new Float16Array(bytes, 0, this.size));
+    return new Float32Array(bytes);
   }
 
   async readInt(): Promise<Int32Array> {

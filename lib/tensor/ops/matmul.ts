@@ -1,4 +1,4 @@
-import { matmulKernel, type MatmulSpec, matmulWorkgroups } from "../../../kernels/matmul.ts";
+import { matmulKernel, type MatmulSpec, matmulWorkgroups, type OperandType } from "../../../kernels/matmul.ts";
 import {
   K_STEP,
   matmulDestination,
@@ -27,6 +27,8 @@ import { elementGroups, unaryBackwardKernel, type UnaryOp } from "../../../kerne
 import { isGradEnabled, record } from "../autograd.ts";
 import { empty, emptyLike } from "../create.ts";
 import { shapeString, type Tensor } from "../tensor.ts";
+import { matmulOperandType } from "../precision.ts";
+import { cast } from "./cast.ts";
 import { sumAxesForward } from "./elementwise.ts";
 
 export interface MatmulOptions {
@@ -136,12 +138,14 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
   const aBatches = g.aBatchStride ? g.batch : 1;
   const bBatches = g.bBatchStride ? g.batch : 1;
   // Textures hold the stored rows: A [M,K] has tile rows, A^T [K,M] k rows; B [K,N] k rows, B^T [N,K] tile rows.
+  const aType = operandType(a);
+  const bType = operandType(b);
   const aLayout = transA
-    ? operandLayout(g.k, g.m, aBatches, "k", K_STEP, tm)
-    : operandLayout(g.m, g.k, aBatches, "tile", tm, K_STEP);
+    ? operandLayout(g.k, g.m, aBatches, "k", K_STEP, tm, aType)
+    : operandLayout(g.m, g.k, aBatches, "tile", tm, K_STEP, aType);
   const bLayout = transB
-    ? operandLayout(g.n, g.k, bBatches, "tile", tn, K_STEP)
-    : operandLayout(g.k, g.n, bBatches, "k", K_STEP, tn);
+    ? operandLayout(g.n, g.k, bBatches, "tile", tn, K_STEP, bType)
+    : operandLayout(g.k, g.n, bBatches, "k", K_STEP, tn, bType);
   const maxSide = adapter.limits.maxTextureDimension2D ?? 8192;
   // The layouts wrap rows into segments of TEXTURE_SEGMENT_ROWS; an adapter with smaller textures, or operands
   // too wide even then (the pool rounds widths up to a power of two), use the buffer kernel.
@@ -155,6 +159,11 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
       geometry: { batch: g.batch, m: g.m, n: g.n, k: g.k, a: aLayout, b: bLayout },
     },
   };
+}
+
+function operandType(t: Tensor): OperandType {
+  if (t.dtype === "i32") throw new Error(`matmul: ${t} is not a float tensor`);
+  return t.dtype;
 }
 
 /** The texture-kernel specialisation an adapter runs for an operand orientation (benchmarks time its compile). */
@@ -197,6 +206,8 @@ export function matmulForward(
     activation: opts.activation ?? null,
     savePreActivation: keepPre,
     residual: !!opts.residual,
+    aType: operandType(a),
+    bType: operandType(b),
   };
   const bindings = [a.buffer, b.buffer, out.buffer];
   if (opts.bias) bindings.push(opts.bias.buffer);
@@ -235,7 +246,7 @@ function dispatchTextureMatmul(
     }
     const stride = layout.batches > 1 ? layout.rows * layout.cols : 0;
     gpu.dispatch(
-      packKernel(packVec4(layout)),
+      packKernel(packVec4(layout), operandType(t)),
       [t.buffer, tex.view],
       packWorkgroups(layout),
       packUniforms(layout, stride),
@@ -251,6 +262,7 @@ function dispatchTextureMatmul(
     [ta.view, tb.view, scratch ?? out.buffer],
     textureMatmulWorkgroups(spec, g),
     textureMatmulUniforms(spec, g, dest),
+    `${g.batch}x${g.m}x${g.n}x${g.k}`,
   );
   // Commands run in recording order, so a later user of these textures or buffers cannot overtake this product.
   pool.release(ta);
@@ -352,8 +364,13 @@ function reduceBatch(grad: Tensor, operand: Tensor): Tensor {
 /**
  * C = act(op(A) op(B) + bias) + residual, batched over leading axes (one operand may have none: it is shared).
  * Backward: dA = dZ op(B)^T, dB = op(A)^T dZ (summed over the batch when shared), dbias = column sums of dZ.
+ * Under `withPrecision("f16")` A and B enter as f16 copies; the product, its output and every gradient stay f32.
  */
 export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
+  if (matmulOperandType() === "f16") {
+    a = cast(a, "f16");
+    b = cast(b, "f16");
+  }
   const act = opts.activation ?? null;
   const needGrad = isGradEnabled() && [a, b, opts.bias, opts.residual].some((t) => t?.requiresGrad);
   if (needGrad && act && opts.residual && !INPUT_DERIVATIVE.has(act)) {
