@@ -171,9 +171,8 @@ export function packKernel(vec4: boolean, type: OperandType = "f32"): Kernel {
   const texel = vec4
     ? `if (x < p.cols / 4u) { v = vec4<f32>(src[(base + y * p.cols) / 4u + x]); }`
     : `v = vec4<f32>(${
-      [0, 1, 2, 3].map((j) =>
-        `select(0.0, f32(src[base + y * p.cols + x * 4u + ${j}u]), x * 4u + ${j}u < p.cols)`
-      ).join(", ")
+      [0, 1, 2, 3].map((j) => `select(0.0, f32(src[base + y * p.cols + x * 4u + ${j}u]), x * 4u + ${j}u < p.cols)`)
+        .join(", ")
     });`;
   return {
     key: `matmul_pack/${vec4}/${type}`,

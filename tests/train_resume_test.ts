@@ -172,3 +172,43 @@ Deno.test("train: a corrupt image and a caption-less sample are skipped, counted
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("train: --precision f16 trains with the f32 run's losses to f16 rounding, or is refused by name", async () => {
+  const { getGpu } = await import("../lib/gpu/runtime.ts");
+  const hasF16 = (await getGpu()).hasF16;
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = await makeShards(dir);
+    const run = (out: string, precision: string, extra: string[] = []) =>
+      new Deno.Command(Deno.execPath(), {
+        args: trainArgs(data, out, ["--precision", precision, "--epochs", "1", ...extra]),
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+    const half = await run(`${dir}/f16`, "f16");
+    const halfErr = new TextDecoder().decode(half.stderr);
+    if (!hasF16) {
+      assert.equal(half.code, 2, halfErr);
+      assert.match(halfErr, /shader-f16/);
+      return;
+    }
+    assert.equal(half.code, 0, halfErr);
+    const full = await run(`${dir}/f32`, "f32");
+    assert.equal(full.code, 0, new TextDecoder().decode(full.stderr));
+    const [l16, l32] = [await losses(`${dir}/f16`), await losses(`${dir}/f32`)];
+    assert.equal(l16.size, 6);
+    let differs = false;
+    for (const [step, loss] of l32) {
+      const other = l16.get(step)!;
+      assert.ok(Math.abs(other - loss) <= 1e-2 * Math.abs(loss), `step ${step}: f16 loss ${other}, f32 ${loss}`);
+      differs ||= other !== loss;
+    }
+    assert.ok(differs, "the f16 run's losses are the f32 run's bit for bit: no product took f16 operands");
+    // A run is resumed at the precision it was made with.
+    const mixed = await run(`${dir}/f16`, "f32", ["--resume", "latest", "--epochs", "2"]);
+    assert.equal(mixed.code, 1);
+    assert.match(new TextDecoder().decode(mixed.stderr), /precision: "f16" there, "f32" now/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -80,6 +80,7 @@ export const demoCommand: Command = {
       warmup: 50,
       seed: 0,
       accumFreq: 1,
+      precision: "f32" as const,
       adamw: OPEN_CLIP_ADAMW,
       out: run,
       saveEvery: 0,

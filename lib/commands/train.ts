@@ -14,6 +14,7 @@ import type { LoaderCounters } from "../data/loader.ts";
 import { type Command, intFlag, parseCommandArgs } from "./command.ts";
 import { datasetSampleCount } from "./dataset_info.ts";
 import { validationMetrics } from "../eval/validate.ts";
+import { assertPrecisionSupported, type Precision, PRECISIONS } from "../tensor/precision.ts";
 
 const HELP = `usage: clip train --model CONFIG|PATH --train-data SHARDS --out DIR [options]
 
@@ -37,7 +38,8 @@ optimisation:
   --beta1, --beta2, --eps AdamW (defaults 0.9, 0.98, 1e-6)
   --grad-clip X           clip the global gradient norm to X (default off)
   --accum-freq K          accumulate K micro-batches per step: the update of one K-times larger batch (default 1)
-  --precision f32         (f16 is not available yet)
+  --precision f32|f16     f16: matmul operands (weights, activations) in f16 with f32 accumulation; master weights,
+                          gradients, norms, softmax and loss stay f32 (needs shader-f16: Vulkan, Metal, DX12; default f32)
   --seed N                (default 0)
 
 output:
@@ -154,8 +156,9 @@ export const trainCommand: Command = {
     for (const required of ["model", "train-data", "out"] as const) {
       if (!v[required]) throw new UsageError(`train: --${required} is required. Run 'clip train --help' for usage.`);
     }
-    if (v.precision && v.precision !== "f32") {
-      throw new UsageError(`train: --precision ${v.precision} is not available yet; use f32.`);
+    const precision = (v.precision ?? "f32") as Precision;
+    if (!PRECISIONS.includes(precision)) {
+      throw new UsageError(`train: --precision must be f32 or f16, got '${v.precision}'.`);
     }
     const out = v.out!;
     const batchSize = intFlag("train", "batch-size", v["batch-size"], 128);
@@ -193,6 +196,7 @@ export const trainCommand: Command = {
       }
     }
     const gpu = await getGpu();
+    assertPrecisionSupported(gpu, precision);
     const seed = intFlag("train", "seed", v.seed, 0);
     // A resumed run loads the checkpoint's weights; anything else starts from --model.
     const { model, preprocess, source } = await loadModel(gpu, resume ?? v.model!, { seed });
@@ -220,7 +224,7 @@ export const trainCommand: Command = {
     console.error(
       `training ${v.model} (${source}) on ${shards.length} shard(s), ${numSamples} samples/epoch, ${stepsPerEpoch} steps/epoch x ${epochs} epochs, batch ${
         batchSize * accumFreq
-      }${resume ? `, resuming from ${resume}` : ""}`,
+      }${precision === "f16" ? ", f16 matmul operands" : ""}${resume ? `, resuming from ${resume}` : ""}`,
     );
     const writePlot = async () => {
       const lines = await readLog(logPath);
@@ -270,6 +274,7 @@ export const trainCommand: Command = {
           warmup: intFlag("train", "warmup", v.warmup, 100),
           seed,
           accumFreq,
+          precision,
           adamw: {
             ...OPEN_CLIP_ADAMW,
             beta1: numberFlag("beta1", v.beta1, OPEN_CLIP_ADAMW.beta1),

@@ -15,6 +15,7 @@ import { findLatestCheckpoint, loadCheckpointState, saveCheckpoint, type TrainSt
 import { AdamW, type AdamWConfig } from "./optimizer.ts";
 import { cosineLr } from "./schedule.ts";
 import { recordStep } from "./step.ts";
+import { type Precision, withPrecision } from "../tensor/precision.ts";
 
 export interface TrainOptions {
   shards: string[];
@@ -26,6 +27,8 @@ export interface TrainOptions {
   warmup: number;
   seed: number;
   accumFreq: number;
+  /** Matmul operand precision of the training steps (f32 master weights and gradients either way). */
+  precision: Precision;
   adamw: AdamWConfig;
   out: string;
   saveEvery: number;
@@ -80,10 +83,16 @@ function settingsOf(opts: TrainOptions, model: ClipModel): Record<string, unknow
     shards: opts.shards,
     batchSize: opts.batchSize,
     accumFreq: opts.accumFreq,
+    precision: opts.precision,
     seed: opts.seed,
     workers: opts.workers,
     shuffleBuffer: opts.shuffleBuffer,
   };
+}
+
+function shortJson(v: unknown): string {
+  const text = JSON.stringify(v) ?? "unset";
+  return text.length > 60 ? "another value" : text;
 }
 
 /** Runs (or resumes, when `resume` names a checkpoint) training. */
@@ -102,9 +111,14 @@ export async function train(
   let position: LoaderPosition | undefined;
   if (resume) {
     const loaded = await loadCheckpointState(resume);
-    if (JSON.stringify(loaded.state.settings) !== JSON.stringify(settings)) {
+    const saved = loaded.state.settings as Record<string, unknown>;
+    const differing = Object.keys({ ...saved, ...settings })
+      .filter((k) => JSON.stringify(saved[k]) !== JSON.stringify(settings[k]));
+    if (differing.length) {
       throw new ClipError(
-        `the checkpoint ${resume} was made with other model, data, batch, seed or loader settings; resume with the same ones`,
+        `the checkpoint ${resume} was made with other settings (${
+          differing.map((k) => `${k}: ${shortJson(saved[k])} there, ${shortJson(settings[k])} now`).join("; ")
+        }); resume with the same ones`,
       );
     }
     optimizer.loadState(loaded.optimizer, loaded.state.optimizerStep);
@@ -178,7 +192,7 @@ export async function train(
         const scope = new Scope();
         let loss: number, logitScale: number, gradNorm: number;
         try {
-          const lossTensor = recordStep(model, optimizer, group, lr);
+          const lossTensor = withPrecision(opts.precision, () => recordStep(model, optimizer, group, lr));
           const [l, clip, scale] = await gpu.readMany([
             { buffer: lossTensor.buffer, bytes: 4 },
             { buffer: optimizer.clipState.buffer, bytes: 8 },
