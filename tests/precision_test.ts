@@ -16,7 +16,7 @@ import { cast } from "../lib/tensor/ops/cast.ts";
 import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
 import { matmul, matmulForward, planMatmul, setMatmulPath } from "../lib/tensor/ops/matmul.ts";
 import { assertPrecisionSupported, withPrecision } from "../lib/tensor/precision.ts";
-import { withScope } from "../lib/tensor/tensor.ts";
+import { Scope, withScope } from "../lib/tensor/tensor.ts";
 
 const hasF16 = (await gpu()).hasF16;
 
@@ -35,9 +35,12 @@ if (!hasF16) {
       return true;
     });
     assertPrecisionSupported(g, "f32");
-    await withScope(async () => {
+    const scope = new Scope();
+    try {
       assert.throws(() => cast(fromArray(g, [1, 2], [2]), "f16"), /shader-f16/);
-    });
+    } finally {
+      scope.end();
+    }
   });
 } else {
   Deno.test("f16: cast rounds to nearest even and widens exactly", async () => {
