@@ -1,6 +1,6 @@
 // Building blocks shared by the towers, written over open_clip parameter names so that weights load without renaming.
 import type { UnaryOp } from "../../kernels/elementwise.ts";
-import { add, layerNorm, matmul, permute, reshape, slice, softmax } from "../tensor/ops.ts";
+import { add, attention, layerNorm, matmul, reshape } from "../tensor/ops.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import { LAYER_NORM_EPS } from "./config.ts";
 import type { Params } from "./params.ts";
@@ -39,19 +39,12 @@ export function selfAttention(
   residual: Tensor,
 ): Tensor {
   const [b, t, w] = x.shape;
-  const dh = w / heads;
   const qkv = matmul(reshape(x, [b * t, w]), p.get(`${prefix}.in_proj_weight`), {
     transB: true,
     bias: p.get(`${prefix}.in_proj_bias`),
   });
-  // [B, T, 3, H, Dh] -> [3, B, H, T, Dh]: one permute splits heads for q, k and v together.
-  const split = permute(reshape(qkv, [b, t, 3, heads, dh]), [2, 0, 3, 1, 4]);
-  const q = reshape(slice(split, 0, 0, 1), [b, heads, t, dh]);
-  const k = reshape(slice(split, 0, 1, 2), [b, heads, t, dh]);
-  const v = reshape(slice(split, 0, 2, 3), [b, heads, t, dh]);
-  const scores = matmul(q, k, { transB: true });
-  const attn = matmul(softmax(scores, { causal, scale: 1 / Math.sqrt(dh) }), v); // [B, H, T, Dh]
-  const merged = reshape(permute(attn, [0, 2, 1, 3]), [b, t, w]);
+  // The fused kernel reads q, k and v per head straight from the packed projection and writes heads merged.
+  const merged = attention(reshape(qkv, [b, t, 3 * w]), { heads, causal });
   return linear(p, `${prefix}.out_proj`, merged, { residual });
 }
 

@@ -5,6 +5,7 @@ export { add, div, exp, gelu, mean, mul, quickGelu, relu, reshape, scale, sub, s
 export { matmul, type MatmulOptions } from "./ops/matmul.ts";
 export { l2Normalize, layerNorm } from "./ops/norm.ts";
 export { softmax, type SoftmaxOptions } from "./ops/softmax.ts";
+export { attention, type AttentionOptions } from "./ops/attention.ts";
 export { crossEntropy } from "./ops/loss.ts";
 export { concat, permute, slice, transpose } from "./ops/layout.ts";
 export { embedding, gatherRows } from "./ops/gather.ts";

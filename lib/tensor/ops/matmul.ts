@@ -7,13 +7,8 @@ import {
   matmulEpilogueUniforms,
   matmulEpilogueWorkgroups,
   type MatmulTile,
-  operandCopies,
   type OperandLayout,
   operandLayout,
-  packKernel,
-  packUniforms,
-  packVec4,
-  packWorkgroups,
   TEXTURE_SEGMENT_ROWS,
   type TextureMatmulGeometry,
   textureMatmulKernel,
@@ -22,7 +17,6 @@ import {
   textureMatmulWorkgroups,
 } from "../../../kernels/matmul_texture.ts";
 import type { AdapterSummary } from "../../gpu/device.ts";
-import type { Gpu } from "../../gpu/runtime.ts";
 import { elementGroups, unaryBackwardKernel, type UnaryOp } from "../../../kernels/elementwise.ts";
 import { isGradEnabled, record } from "../autograd.ts";
 import { empty, emptyLike } from "../create.ts";
@@ -30,6 +24,7 @@ import { shapeString, type Tensor } from "../tensor.ts";
 import { matmulOperandType } from "../precision.ts";
 import { cast } from "./cast.ts";
 import { sumAxesForward } from "./elementwise.ts";
+import { fillOperandTexture, texturePool } from "./texture_operand.ts";
 
 export interface MatmulOptions {
   /** Use A's last two axes transposed (A stored as [..., K, M]). */
@@ -231,29 +226,8 @@ function dispatchTextureMatmul(
   const pool = texturePool(gpu);
   const ta = pool.acquire(g.a.width, g.a.height);
   const tb = pool.acquire(g.b.width, g.b.height);
-  const fill = (t: Tensor, tex: PooledTexture, layout: OperandLayout) => {
-    if (layout.copied) {
-      gpu.withEncoder((encoder) => {
-        for (const c of operandCopies(layout)) {
-          encoder.copyBufferToTexture(
-            { buffer: t.buffer, offset: c.bufferOffset, bytesPerRow: c.bytesPerRow },
-            { texture: tex.texture, origin: [c.x, 0] },
-            [c.width, c.height],
-          );
-        }
-      });
-      return;
-    }
-    const stride = layout.batches > 1 ? layout.rows * layout.cols : 0;
-    gpu.dispatch(
-      packKernel(packVec4(layout), operandType(t)),
-      [t.buffer, tex.view],
-      packWorkgroups(layout),
-      packUniforms(layout, stride),
-    );
-  };
-  fill(a, ta, g.a);
-  fill(b, tb, g.b);
+  fillOperandTexture(a, ta, g.a);
+  fillOperandTexture(b, tb, g.b);
   const direct = g.n % 4 === 0;
   const dest = matmulDestination(spec, g, direct);
   const scratch = direct ? null : gpu.pool.acquire(g.batch * dest.rows * dest.rowStride * 4);
@@ -289,60 +263,6 @@ function dispatchTextureMatmul(
     matmulEpilogueUniforms(g.batch, g.m, g.n, dest),
   );
   if (scratch) gpu.pool.release(scratch);
-}
-
-interface PooledTexture {
-  texture: GPUTexture;
-  view: GPUTextureView;
-  sizeKey: string;
-}
-
-/**
- * Reuses operand textures across calls, so a training step of fixed shapes creates its textures once. Extents are
- * rounded up to powers of two: llvmpipe compiles a separate variant of a shader for each combination of
- * power-of-two and other texture extents it is run with (25 s each for the 32x32 kernel), and the kernels address
- * textures through uniforms, so a bigger texture serves as well.
- */
-class TexturePool {
-  private free = new Map<string, PooledTexture[]>();
-
-  constructor(private device: GPUDevice) {}
-
-  private extent(n: number): number {
-    return 2 ** Math.ceil(Math.log2(Math.max(n, 1)));
-  }
-
-  acquire(width: number, height: number): PooledTexture {
-    const w = this.extent(width);
-    const h = this.extent(height);
-    const sizeKey = `${w}x${h}`;
-    const reused = this.free.get(sizeKey)?.pop();
-    if (reused) return reused;
-    const texture = this.device.createTexture({
-      size: [w, h],
-      format: "rgba32float",
-      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
-      label: `matmul operand ${sizeKey}`,
-    });
-    return { texture, view: texture.createView(), sizeKey };
-  }
-
-  release(t: PooledTexture): void {
-    let list = this.free.get(t.sizeKey);
-    if (!list) this.free.set(t.sizeKey, list = []);
-    list.push(t);
-  }
-}
-
-const pools = new WeakMap<Gpu, TexturePool>();
-
-function texturePool(gpu: Gpu): TexturePool {
-  let pool = pools.get(gpu);
-  if (!pool) {
-    pool = new TexturePool(gpu.device);
-    pools.set(gpu, pool);
-  }
-  return pool;
 }
 
 /** Sums a batched gradient over its leading batch axes when the operand was shared by the whole batch. */

@@ -1,0 +1,278 @@
+// Fused multi-head attention over a packed q/k/v projection: one kernel for the forward pass (scores, mask, online
+// softmax, weighted sum) and two for the backward pass, which recompute the probabilities from the saved row
+// log-sum-exps instead of storing the T x T matrix (as FlashAttention does).
+//
+// Layouts: qkv is [B, T, 3, H, Dh] (what the in-projection writes, so no head split is needed), the output and its
+// gradient are [B, T, H, Dh] (what the out-projection reads, so no head merge is needed), lse and the row dots D are
+// [B, H, T]. The backward kernels write disjoint parts of dqkv (q, and k with v), so it needs no zero fill.
+//
+// Each workgroup serves one (batch, head) pair and a chunk of WG rows (queries, or keys for the k/v gradient), one
+// row per invocation, and loops over the other side's rows. The loop's loads then have the same address in every
+// invocation of a workgroup: CPU back ends turn those into one load and a broadcast instead of a per-lane gather,
+// and GPUs serve them from one cache line. Rows past T redo row T-1 and store nothing, so every invocation runs the
+// whole loop (a masked lane would make the shared loads per-lane again), and masking is done with select.
+import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
+import { TEXTURE_SEGMENT_ROWS } from "./matmul_texture.ts";
+
+const SEGMENT_SHIFT = Math.log2(TEXTURE_SEGMENT_ROWS);
+
+export interface AttentionSpec {
+  /** Head width (a multiple of 4): q, k, v rows live in Dh/4 vec4 registers. */
+  headDim: number;
+  causal: boolean;
+  /** Rows per workgroup: the SIMD width on CPU back ends. */
+  rowsPerGroup: number;
+  /**
+   * Read qkv and the output gradient through rgba32float textures (rows wrapped into segments of
+   * TEXTURE_SEGMENT_ROWS, as the matmul operands are) instead of storage buffers: on CPU back ends texel fetches are
+   * vectorised and buffer loads are not.
+   */
+  texture: boolean;
+}
+
+export interface AttentionShape {
+  batch: number;
+  tokens: number;
+  heads: number;
+}
+
+/** Stands in for -inf in masked scores: exp of it minus any real score is 0, and it stays finite in arithmetic. */
+const MASKED = "-3.0e38";
+
+const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+
+export function attentionUniforms(shape: AttentionShape, scale: number): Uint32Array {
+  const u = Uint32Array.from([shape.tokens, shape.heads, 0, 0]);
+  new Float32Array(u.buffer, 12, 1)[0] = scale;
+  return u;
+}
+
+export function attentionWorkgroups(spec: AttentionSpec, shape: AttentionShape): number {
+  return shape.batch * shape.heads * Math.ceil(shape.tokens / spec.rowsPerGroup);
+}
+
+/** A binding: a storage array, or (for "rows", the row-matrix inputs) a texture in texture mode. */
+type AttentionBinding = [string, "read" | "read_write" | "rows", string];
+
+function header(spec: AttentionSpec, bindings: AttentionBinding[]): string {
+  const words = spec.headDim / 4;
+  const declare = ([name, access, type]: AttentionBinding, i: number) =>
+    access === "rows" && spec.texture
+      ? `@group(0) @binding(${i}) var ${name}: texture_storage_2d<rgba32float, read>;`
+      : `@group(0) @binding(${i}) var<storage, ${access === "rows" ? "read" : access}> ${name}: array<${type}>;`;
+  // Word w of a row of q, k or v (part 0, 1, 2) of a token, and of the output gradient.
+  const rowLoad = (name: string, texelsPerRow: string, row: string, texel: string) =>
+    spec.texture
+      ? `let r = ${row}; return textureLoad(${name}, vec2<u32>((r >> ${SEGMENT_SHIFT}u) * ${texelsPerRow} + ${texel}, r & ${
+        TEXTURE_SEGMENT_ROWS - 1
+      }u));`
+      : `return ${name}[(${row}) * ${texelsPerRow} + ${texel}];`;
+  const hasDout = bindings.some(([name]) => name === "dout");
+  return `${LINEAR_WORKGROUP_WGSL}
+struct Dims { tokens: u32, heads: u32, p0: u32, scale: f32 }
+${bindings.map(declare).join("\n")}
+@group(0) @binding(${bindings.length}) var<uniform> d: Dims;
+
+fn load_qkv(p: Place, token: u32, part: u32, w: u32) -> vec4<f32> {
+  ${
+    rowLoad(
+      "qkv",
+      `3u * d.heads * ${words}u`,
+      "p.batch * d.tokens + token",
+      `(part * d.heads + p.head) * ${words}u + w`,
+    )
+  }
+}
+${
+    hasDout
+      ? `fn load_dout(p: Place, token: u32, w: u32) -> vec4<f32> {
+  ${rowLoad("dout", `d.heads * ${words}u`, "p.batch * d.tokens + token", `p.head * ${words}u + w`)}
+}`
+      : ""
+  }
+
+// The workgroup's (batch, head) pair and this invocation's row; vec4 indices of a row of q, k or v (part 0, 1, 2)
+// and of the [B, T, H, Dh] output for a token.
+struct Place { batch: u32, head: u32, first: u32, row: u32, valid: bool }
+fn place(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> Place {
+  let chunks = (d.tokens + ${spec.rowsPerGroup - 1}u) / ${spec.rowsPerGroup}u;
+  let g = linear_workgroup(wid, nwg);
+  let bh = g / chunks;
+  let first = (g - bh * chunks) * ${spec.rowsPerGroup}u;
+  let row = first + lane;
+  return Place(bh / d.heads, bh % d.heads, first, min(row, d.tokens - 1u), row < d.tokens);
+}
+fn qkv_at(p: Place, token: u32, part: u32) -> u32 {
+  return (((p.batch * d.tokens + token) * 3u + part) * d.heads + p.head) * ${spec.headDim / 4}u;
+}
+fn out_at(p: Place, token: u32) -> u32 {
+  return ((p.batch * d.tokens + token) * d.heads + p.head) * ${spec.headDim / 4}u;
+}
+fn stat_at(p: Place, token: u32) -> u32 {
+  return (p.batch * d.heads + p.head) * d.tokens + token;
+}`;
+}
+
+const ENTRY = `@compute @workgroup_size`;
+const PARAMS = `(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>)`;
+
+/** WGSL statements declaring `name0..` as the Dh/4 vec4 words of a row: `load(w)` is the expression of word w. */
+function loadRow(name: string, load: (w: number) => string, words: number): string {
+  return range(words).map((w) => `let ${name}${w} = ${load(w)};`).join(" ");
+}
+const qkvRow = (token: string, part: number) => (w: number) => `load_qkv(p, ${token}, ${part}u, ${w}u)`;
+const doutRow = (token: string) => (w: number) => `load_dout(p, ${token}, ${w}u)`;
+
+/** A WGSL expression: the dot product of two rows held in registers. */
+function dot(a: string, b: string, words: number): string {
+  const terms = range(words).map((w) => `${a}${w} * ${b}${w}`);
+  // Pairwise sums keep the dependency chain short.
+  let level = terms;
+  while (level.length > 1) {
+    const next: string[] = [];
+    for (let i = 0; i < level.length; i += 2) {
+      next.push(i + 1 < level.length ? `(${level[i]} + ${level[i + 1]})` : level[i]);
+    }
+    level = next;
+  }
+  return `dot(${level[0]}, vec4<f32>(1.0))`;
+}
+
+function keyOf(family: string, spec: AttentionSpec): string {
+  return `${family}/${spec.headDim}/${spec.causal ? "causal" : "full"}/${spec.rowsPerGroup}/${
+    spec.texture ? "texture" : "buffer"
+  }`;
+}
+
+/**
+ * Forward: out = softmax(scale q k^T + mask) v per (batch, head), and lse = the log-sum-exp of each scaled, masked
+ * score row. Bindings: qkv, out, lse, uniforms.
+ */
+export function attentionForwardKernel(spec: AttentionSpec): Kernel {
+  const words = spec.headDim / 4;
+  return {
+    key: keyOf("attention_fwd", spec),
+    wgsl: () =>
+      `${header(spec, [["qkv", "rows", "vec4<f32>"], ["out", "read_write", "vec4<f32>"], ["lse", "read_write", "f32"]])}
+${ENTRY}(${spec.rowsPerGroup})
+fn main${PARAMS} {
+  let p = place(wid, nwg, lid.x);
+  ${loadRow("q", qkvRow("p.row", 0), words)}
+  ${range(words).map((w) => `var acc${w} = vec4<f32>(0.0);`).join(" ")}
+  var m = ${MASKED};
+  var l = 0.0;
+  // Causal: no row of this chunk sees a key past its last row.
+  let end = ${spec.causal ? `min(d.tokens, p.first + ${spec.rowsPerGroup}u)` : "d.tokens"};
+  for (var j = 0u; j < end; j++) {
+    ${loadRow("k", qkvRow("j", 1), words)}
+    let raw = ${dot("q", "k", words)} * d.scale;
+    let s = ${spec.causal ? `select(${MASKED}, raw, j <= p.row)` : "raw"};
+    let m_new = max(m, s);
+    let correction = exp(m - m_new);
+    let e = exp(s - m_new);
+    l = l * correction + e;
+    m = m_new;
+    ${loadRow("v", qkvRow("j", 2), words)}
+    ${range(words).map((w) => `acc${w} = fma(vec4<f32>(e), v${w}, acc${w} * correction);`).join("\n    ")}
+  }
+  if (!p.valid) { return; }
+  let inv = 1.0 / l;
+  let oi = out_at(p, p.row);
+  ${range(words).map((w) => `out[oi + ${w}u] = acc${w} * inv;`).join(" ")}
+  lse[stat_at(p, p.row)] = m + log(l);
+}`,
+  };
+}
+
+/**
+ * Backward for the queries: with P recomputed from lse, D_i = dO_i . O_i and dS_ij = P_ij (dO_i . v_j - D_i),
+ * dq_i = scale sum_j dS_ij k_j. Also stores D for the key/value kernel. Bindings: qkv, out, dout, lse, dqkv, dots,
+ * uniforms.
+ */
+export function attentionBackwardQueryKernel(spec: AttentionSpec): Kernel {
+  const words = spec.headDim / 4;
+  return {
+    key: keyOf("attention_bwd_q", spec),
+    wgsl: () =>
+      `${
+        header(spec, [
+          ["qkv", "rows", "vec4<f32>"],
+          ["out", "read", "vec4<f32>"],
+          ["dout", "rows", "vec4<f32>"],
+          ["lse", "read", "f32"],
+          ["dqkv", "read_write", "vec4<f32>"],
+          ["dots", "read_write", "f32"],
+        ])
+      }
+${ENTRY}(${spec.rowsPerGroup})
+fn main${PARAMS} {
+  let p = place(wid, nwg, lid.x);
+  let qi = qkv_at(p, p.row, 0u);
+  let oi = out_at(p, p.row);
+  ${loadRow("q", qkvRow("p.row", 0), words)}
+  ${loadRow("g", doutRow("p.row"), words)}
+  ${loadRow("o", (w) => `out[oi + ${w}u]`, words)}
+  let row_dot = ${dot("g", "o", words)};
+  let row_lse = lse[stat_at(p, p.row)];
+  ${range(words).map((w) => `var dq${w} = vec4<f32>(0.0);`).join(" ")}
+  let end = ${spec.causal ? `min(d.tokens, p.first + ${spec.rowsPerGroup}u)` : "d.tokens"};
+  for (var j = 0u; j < end; j++) {
+    ${loadRow("k", qkvRow("j", 1), words)}
+    ${loadRow("v", qkvRow("j", 2), words)}
+    let prob = exp(${dot("q", "k", words)} * d.scale - row_lse);
+    let ds = ${spec.causal ? "select(0.0, prob, j <= p.row)" : "prob"} * (${dot("g", "v", words)} - row_dot);
+    ${range(words).map((w) => `dq${w} = fma(vec4<f32>(ds), k${w}, dq${w});`).join("\n    ")}
+  }
+  if (!p.valid) { return; }
+  ${range(words).map((w) => `dqkv[qi + ${w}u] = dq${w} * d.scale;`).join(" ")}
+  dots[stat_at(p, p.row)] = row_dot;
+}`,
+  };
+}
+
+/**
+ * Backward for the keys and values, one key row per invocation: dv_j = sum_i P_ij dO_i and
+ * dk_j = scale sum_i dS_ij q_i over the queries that see key j. Bindings: qkv, dout, lse, dots, dqkv, uniforms.
+ */
+export function attentionBackwardKeyValueKernel(spec: AttentionSpec): Kernel {
+  const words = spec.headDim / 4;
+  return {
+    key: keyOf("attention_bwd_kv", spec),
+    wgsl: () =>
+      `${
+        header(spec, [
+          ["qkv", "rows", "vec4<f32>"],
+          ["dout", "rows", "vec4<f32>"],
+          ["lse", "read", "f32"],
+          ["dots", "read", "f32"],
+          ["dqkv", "read_write", "vec4<f32>"],
+        ])
+      }
+${ENTRY}(${spec.rowsPerGroup})
+fn main${PARAMS} {
+  let p = place(wid, nwg, lid.x);
+  let kj = qkv_at(p, p.row, 1u);
+  let vj = qkv_at(p, p.row, 2u);
+  ${loadRow("k", qkvRow("p.row", 1), words)}
+  ${loadRow("v", qkvRow("p.row", 2), words)}
+  ${range(words).map((w) => `var dk${w} = vec4<f32>(0.0); var dv${w} = vec4<f32>(0.0);`).join(" ")}
+  // Causal: queries before this chunk's first key see none of its keys.
+  for (var i = ${spec.causal ? "p.first" : "0u"}; i < d.tokens; i++) {
+    ${loadRow("q", qkvRow("i", 0), words)}
+    ${loadRow("g", doutRow("i"), words)}
+    let stat = stat_at(p, i);
+    let raw = exp(${dot("q", "k", words)} * d.scale - lse[stat]);
+    let prob = ${spec.causal ? "select(0.0, raw, p.row <= i)" : "raw"};
+    let ds = prob * (${dot("g", "v", words)} - dots[stat]);
+    ${
+        range(words).map((w) =>
+          `dv${w} = fma(vec4<f32>(prob), g${w}, dv${w}); dk${w} = fma(vec4<f32>(ds), q${w}, dk${w});`
+        ).join("\n    ")
+      }
+  }
+  if (!p.valid) { return; }
+  ${range(words).map((w) => `dqkv[kj + ${w}u] = dk${w} * d.scale; dqkv[vj + ${w}u] = dv${w};`).join(" ")}
+}`,
+  };
+}
