@@ -20,8 +20,13 @@ export interface AttentionSpec {
   /** Head width (a multiple of 4): q, k, v rows live in Dh/4 vec4 registers. */
   headDim: number;
   causal: boolean;
-  /** Rows per workgroup: the SIMD width on CPU back ends. */
+  /** Invocations per workgroup: the SIMD width on CPU back ends. */
   rowsPerGroup: number;
+  /**
+   * Rows each invocation serves (strided by rowsPerGroup): every row loaded in the loop then feeds this many rows'
+   * arithmetic, which is what keeps the loop from being bound by its loads.
+   */
+  rowsPerInvocation: number;
   /**
    * Read qkv and the output gradient through rgba32float textures (rows wrapped into segments of
    * TEXTURE_SEGMENT_ROWS, as the matmul operands are) instead of storage buffers: on CPU back ends texel fetches are
@@ -48,7 +53,7 @@ export function attentionUniforms(shape: AttentionShape, scale: number): Uint32A
 }
 
 export function attentionWorkgroups(spec: AttentionSpec, shape: AttentionShape): number {
-  return shape.batch * shape.heads * Math.ceil(shape.tokens / spec.rowsPerGroup);
+  return shape.batch * shape.heads * Math.ceil(shape.tokens / chunkRows(spec));
 }
 
 /** A binding: a storage array, or (for "rows", the row-matrix inputs) a texture in texture mode. */
@@ -91,16 +96,14 @@ ${
       : ""
   }
 
-// The workgroup's (batch, head) pair and this invocation's row; vec4 indices of a row of q, k or v (part 0, 1, 2)
-// and of the [B, T, H, Dh] output for a token.
-struct Place { batch: u32, head: u32, first: u32, row: u32, valid: bool }
+// The workgroup's (batch, head) pair, the first row of its chunk and this invocation's lane; vec4 indices of a row of
+// q, k or v (part 0, 1, 2), of the [B, T, H, Dh] output, and of the per-row statistics.
+struct Place { batch: u32, head: u32, first: u32, lane: u32 }
 fn place(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> Place {
-  let chunks = (d.tokens + ${spec.rowsPerGroup - 1}u) / ${spec.rowsPerGroup}u;
+  let chunks = (d.tokens + ${chunkRows(spec) - 1}u) / ${chunkRows(spec)}u;
   let g = linear_workgroup(wid, nwg);
   let bh = g / chunks;
-  let first = (g - bh * chunks) * ${spec.rowsPerGroup}u;
-  let row = first + lane;
-  return Place(bh / d.heads, bh % d.heads, first, min(row, d.tokens - 1u), row < d.tokens);
+  return Place(bh / d.heads, bh % d.heads, (g - bh * chunks) * ${chunkRows(spec)}u, lane);
 }
 fn qkv_at(p: Place, token: u32, part: u32) -> u32 {
   return (((p.batch * d.tokens + token) * 3u + part) * d.heads + p.head) * ${spec.headDim / 4}u;
@@ -113,9 +116,24 @@ fn stat_at(p: Place, token: u32) -> u32 {
 }`;
 }
 
+/** Rows one workgroup covers: rowsPerInvocation rows per lane, strided by the workgroup size. */
+function chunkRows(spec: AttentionSpec): number {
+  return spec.rowsPerGroup * spec.rowsPerInvocation;
+}
+
 const ENTRY = `@compute @workgroup_size`;
 const PARAMS = `(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>)`;
+
+/**
+ * The invocation's rows: `row${r}` (may pass the end: then only its stores are skipped) and `rc${r}`, the row clamped
+ * into range for loads.
+ */
+function rowsOfInvocation(spec: AttentionSpec): string {
+  return range(spec.rowsPerInvocation).map((r) =>
+    `let row${r} = p.first + p.lane + ${r * spec.rowsPerGroup}u; let rc${r} = min(row${r}, d.tokens - 1u);`
+  ).join("\n  ");
+}
 
 /** WGSL statements declaring `name0..` as the Dh/4 vec4 words of a row: `load(w)` is the expression of word w. */
 function loadRow(name: string, load: (w: number) => string, words: number): string {
@@ -140,9 +158,14 @@ function dot(a: string, b: string, words: number): string {
 }
 
 function keyOf(family: string, spec: AttentionSpec): string {
-  return `${family}/${spec.headDim}/${spec.causal ? "causal" : "full"}/${spec.rowsPerGroup}/${
+  return `${family}/${spec.headDim}/${spec.causal ? "causal" : "full"}/${spec.rowsPerGroup}x${spec.rowsPerInvocation}/${
     spec.texture ? "texture" : "buffer"
   }`;
+}
+
+/** One past the last row of the workgroup's chunk: with a causal mask, no row of it sees a key past that. */
+function chunkEnd(spec: AttentionSpec): string {
+  return `min(d.tokens, p.first + ${chunkRows(spec)}u)`;
 }
 
 /**
@@ -151,6 +174,8 @@ function keyOf(family: string, spec: AttentionSpec): string {
  */
 export function attentionForwardKernel(spec: AttentionSpec): Kernel {
   const words = spec.headDim / 4;
+  const rows = range(spec.rowsPerInvocation);
+  const perRow = (f: (r: number) => string, sep = "\n    ") => rows.map(f).join(sep);
   return {
     key: keyOf("attention_fwd", spec),
     wgsl: () =>
@@ -158,29 +183,38 @@ export function attentionForwardKernel(spec: AttentionSpec): Kernel {
 ${ENTRY}(${spec.rowsPerGroup})
 fn main${PARAMS} {
   let p = place(wid, nwg, lid.x);
-  ${loadRow("q", qkvRow("p.row", 0), words)}
-  ${range(words).map((w) => `var acc${w} = vec4<f32>(0.0);`).join(" ")}
-  var m = ${MASKED};
-  var l = 0.0;
-  // Causal: no row of this chunk sees a key past its last row.
-  let end = ${spec.causal ? `min(d.tokens, p.first + ${spec.rowsPerGroup}u)` : "d.tokens"};
+  ${rowsOfInvocation(spec)}
+  ${perRow((r) => loadRow(`q${r}_`, qkvRow(`rc${r}`, 0), words), "\n  ")}
+  ${perRow((r) => range(words).map((w) => `var acc${r}_${w} = vec4<f32>(0.0);`).join(" "), "\n  ")}
+  ${perRow((r) => `var m${r} = ${MASKED}; var l${r} = 0.0;`, " ")}
+  let end = ${spec.causal ? chunkEnd(spec) : "d.tokens"};
   for (var j = 0u; j < end; j++) {
     ${loadRow("k", qkvRow("j", 1), words)}
-    let raw = ${dot("q", "k", words)} * d.scale;
-    let s = ${spec.causal ? `select(${MASKED}, raw, j <= p.row)` : "raw"};
-    let m_new = max(m, s);
-    let correction = exp(m - m_new);
-    let e = exp(s - m_new);
-    l = l * correction + e;
-    m = m_new;
     ${loadRow("v", qkvRow("j", 2), words)}
-    ${range(words).map((w) => `acc${w} = fma(vec4<f32>(e), v${w}, acc${w} * correction);`).join("\n    ")}
+    ${
+        perRow((r) =>
+          `{
+      let raw = ${dot(`q${r}_`, "k", words)} * d.scale;
+      let s = ${spec.causal ? `select(${MASKED}, raw, j <= rc${r})` : "raw"};
+      let m_new = max(m${r}, s);
+      let correction = exp(m${r} - m_new);
+      let e = exp(s - m_new);
+      l${r} = l${r} * correction + e;
+      m${r} = m_new;
+      ${range(words).map((w) => `acc${r}_${w} = fma(vec4<f32>(e), v${w}, acc${r}_${w} * correction);`).join(" ")}
+    }`
+        )
+      }
   }
-  if (!p.valid) { return; }
-  let inv = 1.0 / l;
-  let oi = out_at(p, p.row);
-  ${range(words).map((w) => `out[oi + ${w}u] = acc${w} * inv;`).join(" ")}
-  lse[stat_at(p, p.row)] = m + log(l);
+  ${
+        perRow((r) =>
+          `if (row${r} < d.tokens) {
+    let inv = 1.0 / l${r};
+    let oi = out_at(p, row${r});
+    ${range(words).map((w) => `out[oi + ${w}u] = acc${r}_${w} * inv;`).join(" ")}
+    lse[stat_at(p, row${r})] = m${r} + log(l${r});
+  }`, "\n  ")
+      }
 }`,
   };
 }
@@ -192,6 +226,8 @@ fn main${PARAMS} {
  */
 export function attentionBackwardQueryKernel(spec: AttentionSpec): Kernel {
   const words = spec.headDim / 4;
+  const rows = range(spec.rowsPerInvocation);
+  const perRow = (f: (r: number) => string, sep = "\n  ") => rows.map(f).join(sep);
   return {
     key: keyOf("attention_bwd_q", spec),
     wgsl: () =>
@@ -208,25 +244,44 @@ export function attentionBackwardQueryKernel(spec: AttentionSpec): Kernel {
 ${ENTRY}(${spec.rowsPerGroup})
 fn main${PARAMS} {
   let p = place(wid, nwg, lid.x);
-  let qi = qkv_at(p, p.row, 0u);
-  let oi = out_at(p, p.row);
-  ${loadRow("q", qkvRow("p.row", 0), words)}
-  ${loadRow("g", doutRow("p.row"), words)}
-  ${loadRow("o", (w) => `out[oi + ${w}u]`, words)}
-  let row_dot = ${dot("g", "o", words)};
-  let row_lse = lse[stat_at(p, p.row)];
-  ${range(words).map((w) => `var dq${w} = vec4<f32>(0.0);`).join(" ")}
-  let end = ${spec.causal ? `min(d.tokens, p.first + ${spec.rowsPerGroup}u)` : "d.tokens"};
+  ${rowsOfInvocation(spec)}
+  ${
+        perRow((r) =>
+          `${loadRow(`q${r}_`, qkvRow(`rc${r}`, 0), words)}
+  ${loadRow(`g${r}_`, doutRow(`rc${r}`), words)}
+  let oi${r} = out_at(p, rc${r});
+  ${loadRow(`o${r}_`, (w) => `out[oi${r} + ${w}u]`, words)}
+  let row_dot${r} = ${dot(`g${r}_`, `o${r}_`, words)};
+  let row_lse${r} = lse[stat_at(p, rc${r})];
+  ${range(words).map((w) => `var dq${r}_${w} = vec4<f32>(0.0);`).join(" ")}`
+        )
+      }
+  let end = ${spec.causal ? chunkEnd(spec) : "d.tokens"};
   for (var j = 0u; j < end; j++) {
     ${loadRow("k", qkvRow("j", 1), words)}
     ${loadRow("v", qkvRow("j", 2), words)}
-    let prob = exp(${dot("q", "k", words)} * d.scale - row_lse);
-    let ds = ${spec.causal ? "select(0.0, prob, j <= p.row)" : "prob"} * (${dot("g", "v", words)} - row_dot);
-    ${range(words).map((w) => `dq${w} = fma(vec4<f32>(ds), k${w}, dq${w});`).join("\n    ")}
+    ${
+        perRow((r) =>
+          `{
+      let prob = exp(${dot(`q${r}_`, "k", words)} * d.scale - row_lse${r});
+      let ds = ${spec.causal ? `select(0.0, prob, j <= rc${r})` : "prob"} * (${
+            dot(`g${r}_`, "v", words)
+          } - row_dot${r});
+      ${range(words).map((w) => `dq${r}_${w} = fma(vec4<f32>(ds), k${w}, dq${r}_${w});`).join(" ")}
+    }`, "\n    ")
+      }
   }
-  if (!p.valid) { return; }
-  ${range(words).map((w) => `dqkv[qi + ${w}u] = dq${w} * d.scale;`).join(" ")}
-  dots[stat_at(p, p.row)] = row_dot;
+  ${
+        perRow((r) =>
+          `if (row${r} < d.tokens) {
+    let qi = qkv_at(p, row${r}, 0u);
+    ${
+            range(words).map((w) => `dqkv[qi + ${w}u] = dq${r}_${w} * d.scale;`).join(" ")
+          }
+    dots[stat_at(p, row${r})] = row_dot${r};
+  }`
+        )
+      }
 }`,
   };
 }
@@ -237,6 +292,8 @@ fn main${PARAMS} {
  */
 export function attentionBackwardKeyValueKernel(spec: AttentionSpec): Kernel {
   const words = spec.headDim / 4;
+  const rows = range(spec.rowsPerInvocation);
+  const perRow = (f: (r: number) => string, sep = "\n  ") => rows.map(f).join(sep);
   return {
     key: keyOf("attention_bwd_kv", spec),
     wgsl: () =>
@@ -252,27 +309,50 @@ export function attentionBackwardKeyValueKernel(spec: AttentionSpec): Kernel {
 ${ENTRY}(${spec.rowsPerGroup})
 fn main${PARAMS} {
   let p = place(wid, nwg, lid.x);
-  let kj = qkv_at(p, p.row, 1u);
-  let vj = qkv_at(p, p.row, 2u);
-  ${loadRow("k", qkvRow("p.row", 1), words)}
-  ${loadRow("v", qkvRow("p.row", 2), words)}
-  ${range(words).map((w) => `var dk${w} = vec4<f32>(0.0); var dv${w} = vec4<f32>(0.0);`).join(" ")}
+  ${rowsOfInvocation(spec)}
+  ${
+        perRow((r) =>
+          `${loadRow(`k${r}_`, qkvRow(`rc${r}`, 1), words)}
+  ${loadRow(`v${r}_`, qkvRow(`rc${r}`, 2), words)}
+  ${range(words).map((w) => `var dk${r}_${w} = vec4<f32>(0.0); var dv${r}_${w} = vec4<f32>(0.0);`).join(" ")}`
+        )
+      }
   // Causal: queries before this chunk's first key see none of its keys.
   for (var i = ${spec.causal ? "p.first" : "0u"}; i < d.tokens; i++) {
     ${loadRow("q", qkvRow("i", 0), words)}
     ${loadRow("g", doutRow("i"), words)}
     let stat = stat_at(p, i);
-    let raw = exp(${dot("q", "k", words)} * d.scale - lse[stat]);
-    let prob = ${spec.causal ? "select(0.0, raw, p.row <= i)" : "raw"};
-    let ds = prob * (${dot("g", "v", words)} - dots[stat]);
+    let row_lse = lse[stat];
+    let row_dot = dots[stat];
     ${
-        range(words).map((w) =>
-          `dv${w} = fma(vec4<f32>(prob), g${w}, dv${w}); dk${w} = fma(vec4<f32>(ds), q${w}, dk${w});`
-        ).join("\n    ")
+        perRow((r) =>
+          `{
+      let raw = exp(${dot("q", `k${r}_`, words)} * d.scale - row_lse);
+      let prob = ${spec.causal ? `select(0.0, raw, rc${r} <= i)` : "raw"};
+      let ds = prob * (${dot("g", `v${r}_`, words)} - row_dot);
+      ${
+            range(words).map((w) =>
+              `dv${r}_${w} = fma(vec4<f32>(prob), g${w}, dv${r}_${w}); dk${r}_${w} = fma(vec4<f32>(ds), q${w}, dk${r}_${w});`
+            ).join(" ")
+          }
+    }`, "\n    ")
       }
   }
-  if (!p.valid) { return; }
-  ${range(words).map((w) => `dqkv[kj + ${w}u] = dk${w} * d.scale; dqkv[vj + ${w}u] = dv${w};`).join(" ")}
+  ${
+        perRow((r) =>
+          `if (row${r} < d.tokens) {
+    let kj = qkv_at(p, row${r}, 1u);
+    let vj = qkv_at(p, row${r}, 2u);
+    ${
+            range(words).map((w) =>
+              `dqkv[kj + ${w}u] = dk${r}_${w} * d.scale; dqkv[vj + ${w}u] = dv${r}_${w};`
+            ).join(
+              " ",
+            )
+          }
+  }`
+        )
+      }
 }`,
   };
 }

@@ -20,6 +20,8 @@ export interface AttentionOptions {
   causal?: boolean;
 }
 
+const MAX_ROWS_PER_INVOCATION = 8;
+
 /** Rows per workgroup: the SIMD width on CPU back ends (lanes share the loop's loads), a warp's worth elsewhere. */
 function rowsPerGroup(gpu: Gpu): number {
   return gpu.adapter.isSoftware ? gpu.adapter.cpuLanes || 8 : 32;
@@ -80,10 +82,13 @@ export function attention(qkv: Tensor, opts: AttentionOptions): Tensor {
     throw new Error(`attention: width ${width} must split into ${heads} heads of a multiple of 4`);
   }
   const gpu = qkv.gpu;
+  const lanes = rowsPerGroup(gpu);
   const spec: AttentionSpec = {
     headDim: width / heads,
     causal: opts.causal ?? false,
-    rowsPerGroup: rowsPerGroup(gpu),
+    rowsPerGroup: lanes,
+    // A whole head's rows in one workgroup, up to 8 per invocation (more would only add register spills).
+    rowsPerInvocation: Math.min(MAX_ROWS_PER_INVOCATION, Math.ceil(tokens / lanes)),
     texture: useTextures(gpu, batch * tokens, width),
   };
   const shape: AttentionShape = { batch, tokens, heads };
