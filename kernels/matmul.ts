@@ -8,7 +8,7 @@ import { ENABLE_F16 } from "./grid.ts";
 /** Element type of a matmul operand: f16 operands are widened on load, so products always accumulate in f32. */
 export type OperandType = "f32" | "f16";
 
-export interface MatmulSpec {
+export interface MatmulSpec extends FusedEpilogue {
   batch: number;
   m: number;
   n: number;
@@ -18,14 +18,43 @@ export interface MatmulSpec {
   /** Elements between consecutive batch entries of A and B (0: shared across the batch). */
   aBatchStride: number;
   bBatchStride: number;
-  bias: boolean;
-  activation: UnaryOp | null;
-  /** Also write the pre-activation values (needed for the backward pass of a fused activation). */
-  savePreActivation: boolean;
-  /** Add a residual tensor of C's shape after the activation. */
-  residual: boolean;
   aType: OperandType;
   bType: OperandType;
+}
+
+/** The fused epilogue's switches, shared by the storage-buffer kernels. */
+export interface FusedEpilogue {
+  bias: boolean;
+  activation: UnaryOp | null;
+  savePreActivation: boolean;
+  residual: boolean;
+}
+
+/**
+ * WGSL of a fused epilogue: the bias, residual and pre-activation bindings (from index `first` on) and
+ * `emit(idx, col, v)`, which stores output element idx (column col) from the raw product v.
+ */
+export function epilogueWgsl(spec: FusedEpilogue, first: number): { declarations: string; emit: string; next: number } {
+  let binding = first;
+  const declarations: string[] = [];
+  if (spec.bias) declarations.push(`@group(0) @binding(${binding++}) var<storage, read> bias: array<f32>;`);
+  if (spec.residual) declarations.push(`@group(0) @binding(${binding++}) var<storage, read> residual: array<f32>;`);
+  if (spec.savePreActivation) {
+    declarations.push(`@group(0) @binding(${binding++}) var<storage, read_write> pre: array<f32>;`);
+  }
+  const body = [
+    `var z = v;`,
+    spec.bias ? `z += bias[col];` : "",
+    spec.savePreActivation ? `pre[idx] = z;` : "",
+    `var y = ${spec.activation ? unaryExpression(spec.activation, "z") : "z"};`,
+    spec.residual ? `y += residual[idx];` : "",
+    `c[idx] = y;`,
+  ].filter(Boolean).join("\n  ");
+  return {
+    declarations: declarations.join("\n"),
+    emit: `fn emit(idx: u32, col: u32, v: f32) {\n  ${body}\n}`,
+    next: binding,
+  };
 }
 
 const TM = 4;
@@ -47,19 +76,7 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
   const bAt = (r: string, c: string) =>
     widen(spec.bType, transB ? `b[bBase + (${c}) * ${k}u + (${r})]` : `b[bBase + (${r}) * ${n}u + (${c})]`);
   const usesF16 = spec.aType === "f16" || spec.bType === "f16";
-  let binding = 3;
-  const extra: string[] = [];
-  if (spec.bias) extra.push(`@group(0) @binding(${binding++}) var<storage, read> bias: array<f32>;`);
-  if (spec.residual) extra.push(`@group(0) @binding(${binding++}) var<storage, read> residual: array<f32>;`);
-  if (spec.savePreActivation) extra.push(`@group(0) @binding(${binding++}) var<storage, read_write> pre: array<f32>;`);
-  const epilogue = [
-    `var z = v;`,
-    spec.bias ? `z += bias[col];` : "",
-    spec.savePreActivation ? `pre[idx] = z;` : "",
-    `var y = ${spec.activation ? unaryExpression(spec.activation, "z") : "z"};`,
-    spec.residual ? `y += residual[idx];` : "",
-    `c[idx] = y;`,
-  ].filter(Boolean).join("\n  ");
+  const { declarations, emit } = epilogueWgsl(spec, 3);
   const rows = Array.from({ length: TM }, (_, i) => i);
   const cols = Array.from({ length: TN }, (_, j) => j);
   const component = ["x", "y", "z", "w"];
@@ -72,12 +89,8 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
 @group(0) @binding(0) var<storage, read> a: array<${spec.aType}>;
 @group(0) @binding(1) var<storage, read> b: array<${spec.bType}>;
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
-${extra.join("\n")}
-
-fn emit(idx: u32, col: u32, v: f32) {
-  ${epilogue}
-}
-
+${declarations}
+${emit}
 @compute @workgroup_size(${WG_X}, ${WG_Y})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   let batch = gid.z;

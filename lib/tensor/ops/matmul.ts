@@ -25,6 +25,7 @@ import { matmulOperandType } from "../precision.ts";
 import { cast } from "./cast.ts";
 import { sumAxesForward } from "./elementwise.ts";
 import { fillOperandTexture, texturePool } from "./texture_operand.ts";
+import { tiledMatmulKernel, tiledMatmulUniforms, tiledMatmulWorkgroups } from "../../../kernels/matmul_tiled.ts";
 
 export interface MatmulOptions {
   /** Use A's last two axes transposed (A stored as [..., K, M]). */
@@ -84,8 +85,12 @@ function geometry(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Geome
   };
 }
 
-/** Which kernel runs a matmul: "auto" picks per adapter and size; the others force a path (tests, benchmarks). */
-export type MatmulPath = "auto" | "buffer" | "texture";
+/**
+ * Which kernel runs a matmul: "auto" picks per adapter and size; the others force a path (tests, benchmarks).
+ * "texture": register tiles over texture operands (CPU back ends); "tiled": workgroup-memory tiles (GPUs);
+ * "buffer": the plain register-tile kernel (small products on CPU back ends, whose compile is cheapest).
+ */
+export type MatmulPath = "auto" | "buffer" | "tiled" | "texture";
 
 let pathOverride: MatmulPath = "auto";
 
@@ -114,7 +119,7 @@ const TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
 
 /** How `matmulForward` will run a product: the kernel path and, for the texture path, its tile and layouts. */
 export interface MatmulPlan {
-  path: "buffer" | "texture";
+  path: Exclude<MatmulPath, "auto">;
   geometry: Geometry;
   texture?: { spec: TextureMatmulSpec; geometry: TextureMatmulGeometry };
 }
@@ -125,10 +130,12 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
   const transB = opts.transB ?? false;
   const g = geometry(a, b, transA, transB);
   const adapter = a.gpu.adapter;
+  if (pathOverride === "auto" && !adapter.isSoftware) return { path: "tiled", geometry: g };
+  const storagePath = pathOverride === "tiled" ? "tiled" : "buffer";
   const wanted = pathOverride === "auto"
-    ? adapter.isSoftware && g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
+    ? g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
     : pathOverride === "texture";
-  if (!wanted) return { path: "buffer", geometry: g };
+  if (!wanted) return { path: storagePath, geometry: g };
   const { tm, tn } = TEXTURE_TILE;
   const aBatches = g.aBatchStride ? g.batch : 1;
   const bBatches = g.bBatchStride ? g.batch : 1;
@@ -145,7 +152,7 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
   // The layouts wrap rows into segments of TEXTURE_SEGMENT_ROWS; an adapter with smaller textures, or operands
   // too wide even then (the pool rounds widths up to a power of two), use the buffer kernel.
   const fits = (l: OperandLayout) => maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(l.width)) <= maxSide;
-  if (!fits(aLayout) || !fits(bLayout)) return { path: "buffer", geometry: g };
+  if (!fits(aLayout) || !fits(bLayout)) return { path: storagePath, geometry: g };
   return {
     path: "texture",
     geometry: g,
@@ -188,26 +195,38 @@ export function matmulForward(
     dispatchTextureMatmul(a, b, opts, plan.texture.spec, plan.texture.geometry, out, pre);
     return { out, pre };
   }
-  const spec: MatmulSpec = {
-    batch: g.batch,
-    m: g.m,
-    n: g.n,
-    k: g.k,
-    transA: opts.transA ?? false,
-    transB: opts.transB ?? false,
-    aBatchStride: g.aBatchStride,
-    bBatchStride: g.bBatchStride,
+  const epilogue = {
     bias: !!opts.bias,
     activation: opts.activation ?? null,
     savePreActivation: keepPre,
     residual: !!opts.residual,
-    aType: operandType(a),
-    bType: operandType(b),
   };
+  const transA = opts.transA ?? false;
+  const transB = opts.transB ?? false;
+  const [aType, bType] = [operandType(a), operandType(b)];
   const bindings = [a.buffer, b.buffer, out.buffer];
   if (opts.bias) bindings.push(opts.bias.buffer);
   if (opts.residual) bindings.push(opts.residual.buffer);
   if (pre) bindings.push(pre.buffer);
+  const shape = {
+    batch: g.batch,
+    m: g.m,
+    n: g.n,
+    k: g.k,
+    aBatchStride: g.aBatchStride,
+    bBatchStride: g.bBatchStride,
+  };
+  if (plan.path === "tiled") {
+    a.gpu.dispatch(
+      tiledMatmulKernel({ ...epilogue, transA, transB, aType, bType }),
+      bindings,
+      tiledMatmulWorkgroups(shape),
+      tiledMatmulUniforms(shape),
+      `${g.batch}x${g.m}x${g.n}x${g.k}`,
+    );
+    return { out, pre };
+  }
+  const spec: MatmulSpec = { ...shape, ...epilogue, transA, transB, aType, bType };
   a.gpu.dispatch(matmulKernel(spec), bindings, matmulWorkgroups(spec));
   return { out, pre };
 }
