@@ -7,7 +7,8 @@
  */
 import { parseArgs } from "node:util";
 import { getGpu } from "../lib/gpu/runtime.ts";
-import { benchCompile, benchDispatch, benchElementwise, benchMatmuls, type BenchRow } from "./matmul_bench.ts";
+import { benchCompile, benchDispatch, benchElementwise, benchMatmuls } from "./matmul_bench.ts";
+import type { BenchRow } from "./shared.ts";
 
 interface HostBench {
   module: string;

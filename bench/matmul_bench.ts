@@ -1,10 +1,7 @@
 /**
  * GPU kernel benchmarks: matmul throughput at CLIP-sized shapes, elementwise bandwidth, per-dispatch overhead and the
- * first compile of the big matmul kernel. Timing: n operations recorded into one submission, then one wait for the
- * queue, best of three; n is chosen so that a submission holds about 0.35 s of work, which keeps the ~11 ms poll
- * interval of the wait under a few percent.
+ * first compile of the big matmul kernel, timed with `timePerOp` (n operations in one submission, best of three).
  */
-import process from "node:process";
 import type { Gpu } from "../lib/gpu/runtime.ts";
 import { fillKernel } from "../kernels/elementwise.ts";
 import {
@@ -18,69 +15,9 @@ import { fromArray } from "../lib/tensor/create.ts";
 import { add } from "../lib/tensor/ops/elementwise.ts";
 import { matmulForward, type MatmulOptions, planMatmul, textureSpecFor } from "../lib/tensor/ops/matmul.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
+import { type BenchRow, perCpuTimeNote, row, timePerOp, uniformRandom } from "./shared.ts";
 
-export interface BenchRow {
-  name: string;
-  unit: string;
-  ours: number;
-  /** The same measurement for a reference implementation, when one is run. */
-  peer: number | null;
-  ratio: number | null;
-  /** How the number was obtained, where that matters for reading it. */
-  note?: string;
-}
-
-const TARGET_SECONDS = 0.35;
-
-/**
- * Milliseconds per operation: n operations in one submission, one wait, best of `repeats`. `cpuMs` is the process's
- * CPU time per operation in the same best run: on the CPU back end the driver's threads run in this process, so
- * work / cpuMs tells the speed per busy core even when other programs share the cores.
- */
-export async function timePerOp(
-  gpu: Gpu,
-  record: () => void,
-  repeats = 3,
-): Promise<{ ms: number; cpuMs: number; n: number }> {
-  record(); // compile and allocate outside the timed submissions
-  await gpu.sync();
-  let start = performance.now();
-  record();
-  await gpu.sync();
-  const single = performance.now() - start;
-  const n = Math.max(2, Math.min(1000, Math.round(TARGET_SECONDS * 1000 / Math.max(single, 0.01))));
-  let best = Infinity;
-  let bestCpu = Infinity;
-  for (let r = 0; r < repeats; r++) {
-    start = performance.now();
-    const cpuStart = process.cpuUsage();
-    for (let i = 0; i < n; i++) record();
-    await gpu.sync();
-    const ms = (performance.now() - start) / n;
-    const cpu = process.cpuUsage(cpuStart);
-    if (ms < best) {
-      best = ms;
-      bestCpu = (cpu.user + cpu.system) / 1000 / n;
-    }
-  }
-  return { ms: best, cpuMs: bestCpu, n };
-}
-
-function uniformRandom(count: number, seed: number): Float32Array {
-  const out = new Float32Array(count);
-  let s = seed >>> 0;
-  for (let i = 0; i < count; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-}
-
-function row(name: string, unit: string, ours: number, note?: string): BenchRow {
-  return { name, unit, ours: Math.round(ours * 100) / 100, peer: null, ratio: null, ...(note ? { note } : {}) };
-}
-
-interface MatmulCase {
+export interface MatmulCase {
   name: string;
   batch: number;
   m: number;
@@ -91,7 +28,7 @@ interface MatmulCase {
   describe: string;
 }
 
-const MATMUL_CASES: MatmulCase[] = [
+export const MATMUL_CASES: MatmulCase[] = [
   { name: "matmul_1024", batch: 1, m: 1024, k: 1024, n: 1024, describe: "1024^3" },
   {
     name: "matmul_vitb_mlp",
@@ -133,12 +70,7 @@ async function benchMatmulCase(gpu: Gpu, c: MatmulCase): Promise<BenchRow> {
     const plan = planMatmul(a, b, opts);
     const { ms, cpuMs, n } = await timePerOp(gpu, () => matmulForward(a, b, opts).out.dispose());
     const flop = 2 * c.batch * c.m * c.n * c.k;
-    // On the CPU back end: the speed per busy core, scaled to all cores, which is what an idle machine would give.
-    const idle = gpu.adapter.isSoftware
-      ? `; ${
-        (flop / (cpuMs * 1e6) * navigator.hardwareConcurrency).toFixed(0)
-      } per CPU time x ${navigator.hardwareConcurrency} cores`
-      : "";
+    const idle = perCpuTimeNote(gpu, flop / 1e6, cpuMs);
     return row(
       c.name,
       "GFLOP/s",
@@ -155,10 +87,12 @@ export async function benchMatmuls(gpu: Gpu): Promise<BenchRow[]> {
   return rows;
 }
 
+export const ELEMENTWISE_SIZE = 1 << 24;
+
 /** Bandwidth of a large elementwise add (two reads and one write of 16M floats). */
 export async function benchElementwise(gpu: Gpu): Promise<BenchRow> {
   return await withScope(async () => {
-    const size = 1 << 24;
+    const size = ELEMENTWISE_SIZE;
     const a = fromArray(gpu, uniformRandom(size, 4), [size]);
     const b = fromArray(gpu, uniformRandom(size, 5), [size]);
     const { ms } = await timePerOp(gpu, () => add(a, b).dispose());

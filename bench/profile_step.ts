@@ -12,48 +12,17 @@
  * shared machine the minimum over steps is the steadier number; both minimum and median are printed.
  */
 import { parseArgs } from "node:util";
-import type { Batch } from "../lib/data/loader.ts";
 import { getGpu } from "../lib/gpu/runtime.ts";
-import type { ClipModel } from "../lib/nn/clip.ts";
 import { loadModel } from "../lib/nn/load.ts";
 import { Scope } from "../lib/tensor/tensor.ts";
 import { AdamW, OPEN_CLIP_ADAMW } from "../lib/train/optimizer.ts";
 import { recordStep } from "../lib/train/step.ts";
-
-const SOT = 49406;
-const EOT = 49407;
+import { syntheticBatch } from "./shared.ts";
 
 interface FamilyTimes {
   dispatches: number;
   /** GPU milliseconds of this family in each profiled step. */
   perStep: number[];
-}
-
-/** A reproducible batch of noise images and captions of varying length. */
-function syntheticBatch(model: ClipModel, size: number, seed: number): Batch {
-  const side = model.config.vision_cfg.image_size;
-  const ctx = model.config.text_cfg.context_length;
-  const vocab = model.config.text_cfg.vocab_size;
-  let s = seed >>> 0;
-  const next = () => (s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32;
-  const images = new Float32Array(size * 3 * side * side).map(() => 2 * next() - 1);
-  const tokens = new Int32Array(size * ctx);
-  for (let b = 0; b < size; b++) {
-    const length = 2 + Math.floor(next() * (ctx - 2));
-    tokens[b * ctx] = SOT;
-    for (let t = 1; t < length - 1; t++) tokens[b * ctx + t] = 1 + Math.floor(next() * (vocab - 3));
-    tokens[b * ctx + length - 1] = EOT;
-  }
-  return {
-    images,
-    tokens,
-    keys: [],
-    captions: [],
-    labels: new Int32Array(size).fill(-1),
-    shards: [],
-    size,
-    position: { shard: 0, sample: 0 },
-  } as unknown as Batch;
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
