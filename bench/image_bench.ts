@@ -9,10 +9,16 @@ import { lcg, syntheticJpeg } from "./loader_bench.ts";
 const IMAGE_COUNT = 200;
 const IN_FLIGHT = 3;
 
-export async function benchDecode(): Promise<{ name: "decode_224"; unit: "images/s"; value: number }> {
+/** The JPEGs this row decodes (the peer decodes the same ones). */
+export async function decodeBenchImages(): Promise<Uint8Array[]> {
   const random = lcg(7);
   const images: Uint8Array[] = [];
   for (let i = 0; i < IMAGE_COUNT; i++) images.push(await syntheticJpeg(random));
+  return images;
+}
+
+export async function benchDecode(): Promise<{ name: "decode_224"; unit: "images/s"; value: number }> {
+  const images = await decodeBenchImages();
   const p: Preprocess = { size: 224, mean: OPENAI_MEAN, std: OPENAI_STD };
   const out = Array.from({ length: IN_FLIGHT }, () => new Float32Array(3 * 224 * 224));
   for (const bytes of images.slice(0, 10)) await decodeEvalImage(bytes, p, {}, out[0]); // warm up sharp and the JIT

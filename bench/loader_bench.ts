@@ -22,8 +22,8 @@ import { ClipTokenizer } from "../lib/data/tokenizer.ts";
 
 const IMAGE_COUNT = 400;
 const SHARD_COUNT = 2;
-const BATCH_SIZE = 64;
-const PREPROCESS: Preprocess = { size: 224, mean: OPENAI_MEAN, std: OPENAI_STD };
+export const BATCH_SIZE = 64;
+export const PREPROCESS: Preprocess = { size: 224, mean: OPENAI_MEAN, std: OPENAI_STD };
 
 const WORDS = ["a", "photo", "of", "the", "red", "small", "dog", "cat", "house", "on", "a", "sunny", "beach", "street"];
 
