@@ -1,7 +1,6 @@
 import { ClipError } from "../errors.ts";
 import { BufferPool, GpuLimitError } from "./buffer_pool.ts";
 import { type AdapterSummary, createDevice } from "./device.ts";
-import { TextureMemory } from "./texture_memory.ts";
 
 /**
  * A compute kernel specialisation. `key` names the kernel family and every value baked into its code (dtype, shape,
@@ -43,7 +42,6 @@ export interface RuntimeStats {
  */
 export class Gpu {
   readonly pool: BufferPool;
-  private readonly textures: TextureMemory;
   readonly stats: RuntimeStats = { dispatches: 0, submits: 0, reads: 0, pipelinesCompiled: 0, compileMs: 0 };
   private pipelines = new Map<string, CompiledKernel>();
   private encoder: GPUCommandEncoder | null = null;
@@ -60,7 +58,6 @@ export class Gpu {
 
   private constructor(readonly device: GPUDevice, readonly adapter: AdapterSummary) {
     this.pool = new BufferPool(device, STORAGE_USAGE);
-    this.textures = new TextureMemory(device);
     this.uniformAlign = device.limits.minUniformBufferOffsetAlignment;
     device.addEventListener("uncapturederror", (e) => {
       if (this.firstError !== null) return;
@@ -101,12 +98,23 @@ export class Gpu {
     return compiled;
   }
 
+  /** Bytes of the textures made through `createTexture` (operand textures are pooled by their ops and kept). */
+  private textureBytes = 0;
+
   /**
-   * Device memory held for tensors: every buffer the pool has made (in use or free) and every live texture. Uniform
-   * arenas and read-back staging buffers are left out: they are small and do not grow with the work.
+   * Device memory held for tensors: every buffer the pool has made (in use or free) and every texture made through
+   * `createTexture`. Uniform arenas and read-back staging buffers are left out: they are small and do not grow with
+   * the work.
    */
   get memoryBytes(): { buffers: number; textures: number } {
-    return { buffers: this.pool.allocatedBytes, textures: this.textures.bytes };
+    return { buffers: this.pool.allocatedBytes, textures: this.textureBytes };
+  }
+
+  /** A single-level rgba32float 2-D texture, counted in `memoryBytes`. */
+  createTexture(width: number, height: number, usage: GPUTextureUsageFlags, label: string): GPUTexture {
+    const texture = this.device.createTexture({ size: [width, height], format: "rgba32float", usage, label });
+    this.textureBytes += width * height * 16;
+    return texture;
   }
 
   get pipelineCount(): number {

@@ -27,7 +27,7 @@ export interface PooledTexture {
 export class TexturePool {
   private free = new Map<string, PooledTexture[]>();
 
-  constructor(private device: GPUDevice) {}
+  constructor(private gpu: Gpu) {}
 
   private extent(n: number): number {
     return 2 ** Math.ceil(Math.log2(Math.max(n, 1)));
@@ -39,12 +39,8 @@ export class TexturePool {
     const sizeKey = `${w}x${h}`;
     const reused = this.free.get(sizeKey)?.pop();
     if (reused) return reused;
-    const texture = this.device.createTexture({
-      size: [w, h],
-      format: "rgba32float",
-      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST,
-      label: `matmul operand ${sizeKey}`,
-    });
+    const usage = GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST;
+    const texture = this.gpu.createTexture(w, h, usage, `operand ${sizeKey}`);
     return { texture, view: texture.createView(), sizeKey };
   }
 
@@ -60,7 +56,7 @@ const pools = new WeakMap<Gpu, TexturePool>();
 export function texturePool(gpu: Gpu): TexturePool {
   let pool = pools.get(gpu);
   if (!pool) {
-    pool = new TexturePool(gpu.device);
+    pool = new TexturePool(gpu);
     pools.set(gpu, pool);
   }
   return pool;
