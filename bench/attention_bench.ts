@@ -1,12 +1,12 @@
 /**
- * Attention forward and backward through the public ops, called as the model's attention calls them: scores =
- * q k^T (transB), softmax with the 1/sqrt(head width) scale folded in, times v, then backward from a fixed upstream
- * gradient into q, k and v.
+ * Attention forward and backward through the public op the model calls: the fused `attention` over a packed q/k/v
+ * projection [B, T, 3W] (heads split and merged inside the kernels), then backward from a fixed upstream gradient
+ * into qkv.
  */
 import type { Gpu } from "../lib/gpu/runtime.ts";
 import { backward, requireGrad } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
-import { matmul, softmax } from "../lib/tensor/ops.ts";
+import { attention } from "../lib/tensor/ops.ts";
 import { Scope, withScope } from "../lib/tensor/tensor.ts";
 import { type BenchRow, perCpuTimeNote, row, timePerOp, uniformRandom } from "./shared.ts";
 
@@ -20,17 +20,15 @@ export function attentionFlop(a = ATTENTION): number {
 
 export async function benchAttention(gpu: Gpu): Promise<BenchRow> {
   const a = ATTENTION;
-  const shape = [a.images * a.heads, a.tokens, a.headWidth];
-  const count = shape[0] * shape[1] * shape[2];
+  const width = a.heads * a.headWidth;
+  const count = a.images * a.tokens * width;
   return await withScope(async () => {
-    const [q, k, v] = [1, 2, 3].map((seed) => requireGrad(fromArray(gpu, uniformRandom(count, seed), shape)));
-    const upstream = fromArray(gpu, uniformRandom(count, 4), shape);
-    const scale = 1 / Math.sqrt(a.headWidth);
+    const qkv = requireGrad(fromArray(gpu, uniformRandom(3 * count, 1), [a.images, a.tokens, 3 * width]));
+    const upstream = fromArray(gpu, uniformRandom(count, 4), [a.images, a.tokens, width]);
     try {
       const { ms, cpuMs, n } = await timePerOp(gpu, () => {
         const scope = new Scope();
-        const out = matmul(softmax(matmul(q, k, { transB: true }), { scale }), v);
-        backward(out, upstream);
+        backward(attention(qkv, { heads: a.heads }), upstream);
         scope.end();
       });
       const flop = attentionFlop();
@@ -38,13 +36,14 @@ export async function benchAttention(gpu: Gpu): Promise<BenchRow> {
         "attention_fwd_bwd",
         "GFLOP/s",
         flop / (ms * 1e6),
-        `[${shape}] q,k,v: softmax(q k^T / 8) v and its backward; flops of the 6 products only; ${
-          ms.toFixed(1)
-        } ms each, ${n} per submit${perCpuTimeNote(gpu, flop / 1e6, cpuMs)}`,
+        `qkv [${a.images},${a.tokens},${3 * width}], ${a.heads} heads: softmax(q k^T / 8) v and its backward, fused; ` +
+          `flops of the 6 products only; ${ms.toFixed(1)} ms each, ${n} per submit${
+            perCpuTimeNote(gpu, flop / 1e6, cpuMs)
+          }`,
       );
     } finally {
       // Leaf gradients live outside scopes.
-      for (const t of [q, k, v]) t.grad?.dispose();
+      qkv.grad?.dispose();
     }
   });
 }
