@@ -40,6 +40,13 @@ export interface TextureMatmulSpec {
   /** A is stored [K, M] / B is stored [N, K]; the textures hold the stored rows. */
   transA: boolean;
   transB: boolean;
+  /**
+   * Add a bias row / a residual of C's shape as the blocks are stored (direct stores only; N % 4 == 0). These cost a
+   * few loads per block, while a separate epilogue pass rereads and rewrites all of C; activations stay in that pass,
+   * since their code repeated for every accumulator would make the kernel's compile many times longer.
+   */
+  bias: boolean;
+  residual: boolean;
 }
 
 /**
@@ -288,7 +295,9 @@ export function textureMatmulKernel(spec: TextureMatmulSpec): Kernel {
   const { tm, tn } = spec.tile;
   if (tn % 4 !== 0 || tm % 4 !== 0) throw new Error(`unsupported matmul tile ${tm}x${tn}`);
   return {
-    key: `matmul_tex/${tm}x${tn}/${spec.lanes}/${spec.transA}/${spec.transB}`,
+    key: `matmul_tex/${tm}x${tn}/${spec.lanes}/${spec.transA}/${spec.transB}${spec.bias ? "/bias" : ""}${
+      spec.residual ? "/residual" : ""
+    }`,
     wgsl: () => textureMatmulWgsl(spec),
   };
 }
@@ -358,12 +367,26 @@ function textureMatmulWgsl(spec: TextureMatmulSpec): string {
   const declarations = range(tm).map((r) => range(tn4).map((j) => `var c${r}_${j} = vec4<f32>(0.0);`).join(" "));
   // One vec4 store per accumulator: scalar stores or a store loop (which keeps every accumulator live across its
   // branches) multiply the compile time several times over.
+  const stored = (r: number, j: number) => {
+    const at = `o + ${r}u * d.out_stride4 + ${j}u`;
+    return [`c${r}_${j}`, spec.bias ? `bias${j}` : "", spec.residual ? `residual[${at}]` : ""].filter(Boolean)
+      .join(" + ");
+  };
   const stores = range(tm).map((r) =>
     `if (row0 + ${r}u < d.out_rows) { ` +
-    range(tn4).map((j) => `if (col4 + ${j}u < d.out_cols4) { c[o + ${r}u * d.out_stride4 + ${j}u] = c${r}_${j}; }`)
+    range(tn4).map((j) => `if (col4 + ${j}u < d.out_cols4) { c[o + ${r}u * d.out_stride4 + ${j}u] = ${stored(r, j)}; }`)
       .join(" ") +
     ` }`
   );
+  // Columns past N read the last bias word: their sums are never stored.
+  const biasLoads = spec.bias
+    ? range(tn4).map((j) => `let bias${j} = bias[min(col4 + ${j}u, d.out_cols4 - 1u)];`).join(" ")
+    : "";
+  let binding = 3;
+  const fused = [
+    spec.bias ? `@group(0) @binding(${binding++}) var<storage, read> bias: array<vec4<f32>>;` : "",
+    spec.residual ? `@group(0) @binding(${binding++}) var<storage, read> residual: array<vec4<f32>>;` : "",
+  ].filter(Boolean).join("\n");
   // Texture origin of this pass: tile rows are fixed per invocation, k rows advance with the pass. k-row layouts
   // are always aligned (their step is the segment height), so their segment is a shift, not a per-lane division.
   const kRows = (row: string, texel: string, texels: string) =>
@@ -388,7 +411,8 @@ struct Dims {
 @group(0) @binding(0) var ta: ${textureType};
 @group(0) @binding(1) var tb: ${textureType};
 @group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;
-@group(0) @binding(3) var<uniform> d: Dims;
+${fused}
+@group(0) @binding(${binding}) var<uniform> d: Dims;
 
 @compute @workgroup_size(${spec.lanes}, 1, 1)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -415,6 +439,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let row0 = rb * ${tm}u;
   let col4 = cb * ${tn4}u;
   let o = batch * d.out_batch_stride4 + row0 * d.out_stride4 + col4;
+  ${biasLoads}
   ${stores.join("\n  ")}
 }`;
 }

@@ -107,6 +107,29 @@ Deno.test("texture matmul: batched A and B with a vec4 epilogue, and a shared A 
   });
 });
 
+Deno.test("texture matmul: bias and residual added as the blocks are stored (no activation, N a multiple of 4)", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    // 70 rows and 52 columns leave partial 32x32 blocks, so the bias loads past N and the guarded stores both run.
+    const B = 2, m = 70, n = 52, k = 40;
+    const a = param(g, [B, m, k], 51, -1, 1, false);
+    const w = param(g, [n, k], 52, -1, 1, false);
+    const bias = param(g, [n], 53, -1, 1, false);
+    const res = param(g, [B, m, n], 54, -1, 1, false);
+    const plan = planMatmul(a.t, w.t, { transB: true, bias: bias.t, residual: res.t });
+    assert.ok(plan.texture?.spec.bias && plan.texture.spec.residual, "bias and residual are fused into the stores");
+    const both = matmulForward(a.t, w.t, { transB: true, bias: bias.t, residual: res.t }).out;
+    const biasOnly = matmulForward(a.t, w.t, { transB: true, bias: bias.t }).out;
+    const product = new Float64Array(B * m * n);
+    for (let bi = 0; bi < B; bi++) {
+      product.set(refMatmul(a.v.subarray(bi * m * k, (bi + 1) * m * k), w.v, m, n, k, false, true), bi * m * n);
+    }
+    const withBias = product.map((v, i) => v + bias.v[i % n]);
+    assertClose(await biasOnly.read(), withBias, { what: "product + bias" });
+    assertClose(await both.read(), withBias.map((v, i) => v + res.v[i]), { what: "product + bias + residual" });
+  });
+});
+
 Deno.test("texture matmul: gradients through the fast path match float64", async () => {
   const g = await gpu();
   await withTexturePath(async () => {

@@ -157,7 +157,7 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     path: "texture",
     geometry: g,
     texture: {
-      spec: textureSpecFor(adapter, transA, transB),
+      spec: textureSpecFor(adapter, transA, transB, fusedStores(g.n, opts)),
       geometry: { batch: g.batch, m: g.m, n: g.n, k: g.k, a: aLayout, b: bLayout },
     },
   };
@@ -168,9 +168,23 @@ function operandType(t: Tensor): OperandType {
   return t.dtype;
 }
 
+/**
+ * What the texture kernel adds as it stores: a bias and a residual when C is stored directly (N % 4 == 0) and no
+ * activation has to come between them (with one, the epilogue pass does all three).
+ */
+function fusedStores(n: number, opts: MatmulOptions): { bias: boolean; residual: boolean } {
+  const fuse = n % 4 === 0 && !opts.activation;
+  return { bias: fuse && !!opts.bias, residual: fuse && !!opts.residual };
+}
+
 /** The texture-kernel specialisation an adapter runs for an operand orientation (benchmarks time its compile). */
-export function textureSpecFor(adapter: AdapterSummary, transA = false, transB = false): TextureMatmulSpec {
-  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, transA, transB };
+export function textureSpecFor(
+  adapter: AdapterSummary,
+  transA = false,
+  transB = false,
+  fused = { bias: false, residual: false },
+): TextureMatmulSpec {
+  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, transA, transB, ...fused };
 }
 
 /** Records one matmul without autograd; returns the output and, if asked, the pre-activation values. */
@@ -252,7 +266,13 @@ function dispatchTextureMatmul(
   const scratch = direct ? null : gpu.pool.acquire(g.batch * dest.rows * dest.rowStride * 4);
   gpu.dispatch(
     textureMatmulKernel(spec),
-    [ta.view, tb.view, scratch ?? out.buffer],
+    [
+      ta.view,
+      tb.view,
+      scratch ?? out.buffer,
+      ...(spec.bias ? [opts.bias!.buffer] : []),
+      ...(spec.residual ? [opts.residual!.buffer] : []),
+    ],
     textureMatmulWorkgroups(spec, g),
     textureMatmulUniforms(spec, g, dest),
     `${g.batch}x${g.m}x${g.n}x${g.k}`,
@@ -262,17 +282,17 @@ function dispatchTextureMatmul(
   pool.release(tb);
   const epilogue: MatmulEpilogueSpec = {
     inPlace: direct,
-    bias: !!opts.bias,
+    bias: !!opts.bias && !spec.bias,
     activation: opts.activation ?? null,
     savePreActivation: pre !== null,
-    residual: !!opts.residual,
+    residual: !!opts.residual && !spec.residual,
   };
   if (direct && !epilogue.bias && !epilogue.activation && !epilogue.residual) return;
   const bindings = [
     ...(scratch ? [scratch] : []),
     out.buffer,
-    ...(opts.bias ? [opts.bias.buffer] : []),
-    ...(opts.residual ? [opts.residual.buffer] : []),
+    ...(epilogue.bias ? [opts.bias!.buffer] : []),
+    ...(epilogue.residual ? [opts.residual!.buffer] : []),
     ...(pre ? [pre.buffer] : []),
   ];
   gpu.dispatch(
