@@ -28,7 +28,14 @@ export async function measureMemory(steps: number, batchSize: number, warmup: nu
     await trainStep(model, optimizer, batch, TRAIN.lr);
     if (i % 100 === 0) {
       highest = Math.max(highest, processMemoryMiB().rss);
-      console.error(`memory bench: step ${i}/${steps}, RSS ${processMemoryMiB().rss.toFixed(0)} MiB`);
+      const heap = Deno.memoryUsage();
+      console.error(
+        `memory bench: step ${i}/${steps}, RSS ${processMemoryMiB().rss.toFixed(0)} MiB (JS heap ${
+          (heap.heapUsed / 2 ** 20).toFixed(0)
+        } MiB, external ${(heap.external / 2 ** 20).toFixed(0)} MiB), device ${
+          ((gpu.memoryBytes.buffers + gpu.memoryBytes.textures) / 2 ** 20).toFixed(0)
+        } MiB`,
+      );
     }
   }
   const seconds = (performance.now() - start) / 1000;
