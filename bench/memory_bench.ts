@@ -13,9 +13,9 @@ import { type ChildReport, printReport } from "./child.ts";
 import { gpuMiB, processMemoryMiB, row } from "./shared.ts";
 import { TRAIN, trainingSetup, trainStep } from "./train_bench.ts";
 
-function settledMemory(gpu: Parameters<typeof gpuMiB>[0]): { rss: number; gpu: number } {
+function settledMemory(gpu: Parameters<typeof gpuMiB>[0]): { rss: number; gpu: number; jsHeap: number } {
   (globalThis as { gc?: () => void }).gc?.();
-  return { rss: processMemoryMiB().rss, gpu: gpuMiB(gpu) };
+  return { rss: processMemoryMiB().rss, gpu: gpuMiB(gpu), jsHeap: Deno.memoryUsage().heapTotal / 2 ** 20 };
 }
 
 export async function measureMemory(steps: number, batchSize: number, warmup: number): Promise<ChildReport> {
@@ -32,9 +32,9 @@ export async function measureMemory(steps: number, batchSize: number, warmup: nu
       console.error(
         `memory bench: step ${i}/${steps}, RSS ${processMemoryMiB().rss.toFixed(0)} MiB (JS heap ${
           (heap.heapUsed / 2 ** 20).toFixed(0)
-        } MiB, external ${(heap.external / 2 ** 20).toFixed(0)} MiB), device ${
-          ((gpu.memoryBytes.buffers + gpu.memoryBytes.textures) / 2 ** 20).toFixed(0)
-        } MiB`,
+        } of ${(heap.heapTotal / 2 ** 20).toFixed(0)} MiB, external ${
+          (heap.external / 2 ** 20).toFixed(0)
+        } MiB), device ${((gpu.memoryBytes.buffers + gpu.memoryBytes.textures) / 2 ** 20).toFixed(0)} MiB`,
       );
     }
   }
@@ -51,7 +51,9 @@ export async function measureMemory(steps: number, batchSize: number, warmup: nu
         after.rss - before.rss,
         `VmRSS ${before.rss.toFixed(0)} -> ${after.rss.toFixed(0)} MiB (highest at a 100-step mark ${
           highest.toFixed(0)
-        }) over ${run}`,
+        }) over ${run}; of it, the JS heap V8 reserved went ${before.jsHeap.toFixed(0)} -> ${
+          after.jsHeap.toFixed(0)
+        } MiB (V8 sizes its heap to the allocation rate; it levels off)`,
       ),
       row(
         "emoji_tiny_train_gpu_growth",
