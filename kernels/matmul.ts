@@ -8,16 +8,20 @@ import { ENABLE_F16 } from "./grid.ts";
 /** Element type of a matmul operand: f16 operands are widened on load, so products always accumulate in f32. */
 export type OperandType = "f32" | "f16";
 
-export interface MatmulSpec extends FusedEpilogue {
+/** The sizes of a batched product C[b] = op(A[b]) op(B[b]), C being M x N and the inner size K. */
+export interface MatmulShape {
   batch: number;
   m: number;
   n: number;
   k: number;
-  transA: boolean;
-  transB: boolean;
   /** Elements between consecutive batch entries of A and B (0: shared across the batch). */
   aBatchStride: number;
   bBatchStride: number;
+}
+
+export interface MatmulSpec extends MatmulShape, FusedEpilogue {
+  transA: boolean;
+  transB: boolean;
   aType: OperandType;
   bType: OperandType;
 }
@@ -57,6 +61,23 @@ export function epilogueWgsl(spec: FusedEpilogue, first: number): { declarations
   };
 }
 
+/**
+ * WGSL that emits the 4 x 4 block held in accumulators acc0..acc3 (rows row0.., columns col0..) of a C with `m`
+ * rows and `n` columns starting at element `base`, skipping elements past the edges.
+ */
+export function emitBlockWgsl(m: string, n: string, base: string): string {
+  const component = ["x", "y", "z", "w"];
+  return [0, 1, 2, 3].map((i) =>
+    `if (row0 + ${i}u < ${m}) { ${
+      [0, 1, 2, 3].map((j) =>
+        `if (col0 + ${j}u < ${n}) { emit(${base} + (row0 + ${i}u) * ${n} + col0 + ${j}u, col0 + ${j}u, acc${i}.${
+          component[j]
+        }); }`
+      ).join(" ")
+    } }`
+  ).join("\n  ");
+}
+
 const TM = 4;
 const TN = 4;
 const WG_X = 8;
@@ -79,7 +100,6 @@ export function matmulKernel(spec: MatmulSpec): Kernel {
   const { declarations, emit } = epilogueWgsl(spec, 3);
   const rows = Array.from({ length: TM }, (_, i) => i);
   const cols = Array.from({ length: TN }, (_, j) => j);
-  const component = ["x", "y", "z", "w"];
   // The tile lives in named vec4 registers (one per row) with every loop over it unrolled here: private arrays
   // indexed in loops cost a lot on CPU back ends, which lower dynamic indices into branch ladders.
   return {
@@ -106,17 +126,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let bv = vec4<f32>(${cols.map((j) => bAt("kk", `k${j}`)).join(", ")});
     ${rows.map((i) => `acc${i} = fma(vec4<f32>(${aAt(`r${i}`, "kk")}), bv, acc${i});`).join("\n    ")}
   }
-  ${
-        rows.map((i) =>
-          `if (row0 + ${i}u < ${m}u) { ${
-            cols.map((j) =>
-              `if (col0 + ${j}u < ${n}u) { emit(cBase + (row0 + ${i}u) * ${n}u + col0 + ${j}u, col0 + ${j}u, acc${i}.${
-                component[j]
-              }); }`
-            ).join(" ")
-          } }`
-        ).join("\n  ")
-      }
+  ${emitBlockWgsl(`${m}u`, `${n}u`, "cBase")}
 }`,
   };
 }

@@ -6,23 +6,13 @@
 import { type Kernel } from "../lib/gpu/runtime.ts";
 import { UNARY_HELPERS_WGSL } from "./elementwise.ts";
 import { ENABLE_F16 } from "./grid.ts";
-import { epilogueWgsl, type FusedEpilogue, type OperandType } from "./matmul.ts";
+import { emitBlockWgsl, epilogueWgsl, type FusedEpilogue, type MatmulShape, type OperandType } from "./matmul.ts";
 
 export interface TiledMatmulSpec extends FusedEpilogue {
   transA: boolean;
   transB: boolean;
   aType: OperandType;
   bType: OperandType;
-}
-
-export interface TiledMatmulShape {
-  batch: number;
-  m: number;
-  n: number;
-  k: number;
-  /** Elements between consecutive batch entries of A and B (0: shared by the whole batch). */
-  aBatchStride: number;
-  bBatchStride: number;
 }
 
 /** Outputs per invocation along rows and columns, invocations per workgroup side, and the k depth of a slab. */
@@ -32,11 +22,11 @@ const WG = 16;
 const BK = 16;
 const TILE = WG * TM; // 64 rows and 64 columns of C per workgroup
 
-export function tiledMatmulWorkgroups(s: TiledMatmulShape): [number, number, number] {
+export function tiledMatmulWorkgroups(s: MatmulShape): [number, number, number] {
   return [Math.ceil(s.n / TILE), Math.ceil(s.m / TILE), s.batch];
 }
 
-export function tiledMatmulUniforms(s: TiledMatmulShape): Uint32Array {
+export function tiledMatmulUniforms(s: MatmulShape): Uint32Array {
   return Uint32Array.from([s.m, s.n, s.k, s.aBatchStride, s.bBatchStride, 0, 0, 0]);
 }
 
@@ -51,7 +41,6 @@ export function tiledMatmulKernel(spec: TiledMatmulSpec): Kernel {
   const { declarations, emit, next } = epilogueWgsl(spec, 3);
   const rows = Array.from({ length: TM }, (_, i) => i);
   const cols = Array.from({ length: TN }, (_, j) => j);
-  const component = ["x", "y", "z", "w"];
   const usesF16 = spec.aType === "f16" || spec.bType === "f16";
   // Each of the WG*WG invocations stages TILE*BK/(WG*WG) elements of each slab.
   const perInvocation = TILE * BK / (WG * WG);
@@ -114,17 +103,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
   let row0 = tile_row + lid.y * ${TM}u;
   let col0 = tile_col + lid.x * ${TN}u;
   let c_base = batch * u.m * u.n;
-  ${
-        rows.map((i) =>
-          `if (row0 + ${i}u < u.m) { ${
-            cols.map((j) =>
-              `if (col0 + ${j}u < u.n) { emit(c_base + (row0 + ${i}u) * u.n + col0 + ${j}u, col0 + ${j}u, acc${i}.${
-                component[j]
-              }); }`
-            ).join(" ")
-          } }`
-        ).join("\n  ")
-      }
+  ${emitBlockWgsl("u.m", "u.n", "c_base")}
 }`,
   };
 }

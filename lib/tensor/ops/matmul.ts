@@ -1,4 +1,10 @@
-import { matmulKernel, type MatmulSpec, matmulWorkgroups, type OperandType } from "../../../kernels/matmul.ts";
+import {
+  matmulKernel,
+  type MatmulShape,
+  type MatmulSpec,
+  matmulWorkgroups,
+  type OperandType,
+} from "../../../kernels/matmul.ts";
 import {
   K_STEP,
   matmulDestination,
@@ -43,14 +49,8 @@ export interface MatmulOptions {
 // Activations whose derivative is written in terms of the input alone, so a fused residual cannot spoil it.
 const INPUT_DERIVATIVE: ReadonlySet<UnaryOp> = new Set(["gelu", "quick_gelu", "relu", "neg", "square", "log"]);
 
-export interface Geometry {
+export interface Geometry extends MatmulShape {
   batchShape: number[];
-  batch: number;
-  m: number;
-  n: number;
-  k: number;
-  aBatchStride: number;
-  bBatchStride: number;
 }
 
 function geometry(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Geometry {
@@ -222,7 +222,7 @@ export function matmulForward(
   if (opts.bias) bindings.push(opts.bias.buffer);
   if (opts.residual) bindings.push(opts.residual.buffer);
   if (pre) bindings.push(pre.buffer);
-  const shape = {
+  const shape: MatmulShape = {
     batch: g.batch,
     m: g.m,
     n: g.n,
