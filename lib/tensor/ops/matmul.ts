@@ -150,7 +150,7 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     : operandLayout(g.k, g.n, bBatches, "k", K_STEP, tn, bType);
   const maxSide = adapter.limits.maxTextureDimension2D ?? 8192;
   // The layouts wrap rows into segments of TEXTURE_SEGMENT_ROWS; an adapter with smaller textures, or operands
-  // too wide even then (the pool rounds widths up to a power of two), use the buffer kernel.
+  // too wide even then (the pool rounds widths up to a power of two), use a storage-buffer kernel.
   const fits = (l: OperandLayout) => maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(l.width)) <= maxSide;
   if (!fits(aLayout) || !fits(bLayout)) return { path: storagePath, geometry: g };
   return {
