@@ -44,7 +44,6 @@ export class Gpu {
   readonly pool: BufferPool;
   readonly stats: RuntimeStats = { dispatches: 0, submits: 0, reads: 0, pipelinesCompiled: 0, compileMs: 0 };
   private pipelines = new Map<string, CompiledKernel>();
-  private readonly bindGroups: BindGroupCache;
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private uniformChunks: GPUBuffer[] = [];
@@ -59,7 +58,6 @@ export class Gpu {
 
   private constructor(readonly device: GPUDevice, readonly adapter: AdapterSummary) {
     this.pool = new BufferPool(device, STORAGE_USAGE);
-    this.bindGroups = new BindGroupCache(device);
     this.uniformAlign = device.limits.minUniformBufferOffsetAlignment;
     device.addEventListener("uncapturederror", (e) => {
       if (this.firstError !== null) return;
@@ -177,9 +175,9 @@ export class Gpu {
   ) {
     this.checkBindingSizes(kernel, bindings);
     const { pipeline, layout } = this.compile(kernel);
-    const resources = bindings.map(bindingResource);
-    if (uniforms) resources.push(this.stageUniforms(uniforms));
-    const bindGroup = this.bindGroups.get(kernel.key, layout, resources);
+    const entries: GPUBindGroupEntry[] = bindings.map((b, i) => ({ binding: i, resource: bindingResource(b) }));
+    if (uniforms) entries.push({ binding: bindings.length, resource: this.stageUniforms(uniforms) });
+    const bindGroup = this.device.createBindGroup({ layout, entries });
     const pass = this.profile ? this.profiledPass(detail ? `${kernel.key} ${detail}` : kernel.key) : this.computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
@@ -339,48 +337,6 @@ export class Gpu {
     this.pool.trim();
     for (const b of this.uniformChunks) b.destroy();
     this.device.destroy();
-  }
-}
-
-/** Bind groups kept for reuse: a training step repeats the same dispatches on the same pooled buffers. */
-const BIND_GROUP_CACHE_SIZE = 16384;
-
-/**
- * Reuses the bind group of an identical (kernel, resources) set. A step of fixed shapes binds the same pooled buffers
- * and uniform slots in the same order every time, so after the first step no bind group is created (measured on
- * lavapipe: 37 -> 31 us per dispatch in bench/bench.ts --only dispatch_overhead).
- */
-class BindGroupCache {
-  private groups = new Map<string, GPUBindGroup>();
-  private ids = new WeakMap<object, number>();
-  private nextId = 0;
-
-  constructor(private device: GPUDevice) {}
-
-  private id(o: object): number {
-    let id = this.ids.get(o);
-    if (id === undefined) this.ids.set(o, id = this.nextId++);
-    return id;
-  }
-
-  get(kernelKey: string, layout: GPUBindGroupLayout, resources: GPUBindingResource[]): GPUBindGroup {
-    const parts = resources.map((r) => {
-      if (r instanceof GPUTextureView) return `t${this.id(r)}`;
-      const b = r as GPUBufferBinding;
-      return `${this.id(b.buffer)}:${b.offset ?? 0}:${b.size ?? ""}`;
-    });
-    const key = `${kernelKey}|${parts.join(",")}`;
-    let group = this.groups.get(key);
-    if (group) {
-      // Most recently used last, so that eviction takes the oldest.
-      this.groups.delete(key);
-    } else {
-      const entries = resources.map((resource, binding) => ({ binding, resource }));
-      group = this.device.createBindGroup({ layout, entries });
-      if (this.groups.size >= BIND_GROUP_CACHE_SIZE) this.groups.delete(this.groups.keys().next().value!);
-    }
-    this.groups.set(key, group);
-    return group;
   }
 }
 
