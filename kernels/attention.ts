@@ -47,7 +47,7 @@ const MASKED = "-3.0e38";
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 
 export function attentionUniforms(shape: AttentionShape, scale: number): Uint32Array {
-  const u = Uint32Array.from([shape.tokens, shape.heads, 0, 0]);
+  const u = Uint32Array.from([shape.tokens, shape.heads, shape.batch, 0]);
   new Float32Array(u.buffer, 12, 1)[0] = scale;
   return u;
 }
@@ -74,7 +74,7 @@ function header(spec: AttentionSpec, bindings: AttentionBinding[]): string {
       : `return ${name}[(${row}) * ${texelsPerRow} + ${texel}];`;
   const hasDout = bindings.some(([name]) => name === "dout");
   return `${LINEAR_WORKGROUP_WGSL}
-struct Dims { tokens: u32, heads: u32, p0: u32, scale: f32 }
+struct Dims { tokens: u32, heads: u32, batch: u32, scale: f32 }
 ${bindings.map(declare).join("\n")}
 @group(0) @binding(${bindings.length}) var<uniform> d: Dims;
 
@@ -183,6 +183,8 @@ export function attentionForwardKernel(spec: AttentionSpec): Kernel {
 ${ENTRY}(${spec.rowsPerGroup})
 fn main${PARAMS} {
   let p = place(wid, nwg, lid.x);
+  // Workgroups past the last (batch, head) pair exist when a large count is folded into y: they store nothing.
+  if (p.batch >= d.batch) { return; }
   ${rowsOfInvocation(spec)}
   ${perRow((r) => loadRow(`q${r}_`, qkvRow(`rc${r}`, 0), words), "\n  ")}
   ${perRow((r) => range(words).map((w) => `var acc${r}_${w} = vec4<f32>(0.0);`).join(" "), "\n  ")}
@@ -244,6 +246,8 @@ export function attentionBackwardQueryKernel(spec: AttentionSpec): Kernel {
 ${ENTRY}(${spec.rowsPerGroup})
 fn main${PARAMS} {
   let p = place(wid, nwg, lid.x);
+  // Workgroups past the last (batch, head) pair exist when a large count is folded into y: they store nothing.
+  if (p.batch >= d.batch) { return; }
   ${rowsOfInvocation(spec)}
   ${
         perRow((r) =>
@@ -309,6 +313,8 @@ export function attentionBackwardKeyValueKernel(spec: AttentionSpec): Kernel {
 ${ENTRY}(${spec.rowsPerGroup})
 fn main${PARAMS} {
   let p = place(wid, nwg, lid.x);
+  // Workgroups past the last (batch, head) pair exist when a large count is folded into y: they store nothing.
+  if (p.batch >= d.batch) { return; }
   ${rowsOfInvocation(spec)}
   ${
         perRow((r) =>
