@@ -211,6 +211,62 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   };
 }
 
+// Lanes run along a row's texels; a workgroup as wide as llvmpipe's widest SIMD keeps narrow operands on both cores.
+const K_SUM_WG = 16;
+// Rows added into a partial sum before it joins the total: the rounding error grows with 64 + rows / 64 rather than
+// with the row count.
+const K_SUM_CHUNK = 64;
+
+/** Uniforms of the k-row sum kernel: the rows and columns to sum and the texels per row. */
+export function kRowSumUniforms(layout: OperandLayout): Uint32Array {
+  if (layout.batches !== 1 || layout.segmentStep !== TEXTURE_SEGMENT_ROWS) {
+    throw new Error("kRowSumUniforms: needs one aligned matrix of k rows");
+  }
+  return Uint32Array.from([layout.rowsPerBatch, layout.cols, layout.texelsPerRow, 0]);
+}
+
+export function kRowSumWorkgroups(layout: OperandLayout): number {
+  return Math.ceil(layout.texelsPerRow / K_SUM_WG);
+}
+
+/**
+ * The sum over its k rows of an operand texture holding one matrix of k rows: for the product's k-row operand dZ,
+ * the column sums that a bias gradient needs. Reading the texture the product has just filled costs a small part of
+ * a pass over dZ from its storage buffer, whose per-lane loads are slow on CPU back ends. Padding rows are zero.
+ * Bindings: the texture, the output (one float per column), uniforms.
+ */
+export function kRowSumKernel(): Kernel {
+  const shift = Math.log2(TEXTURE_SEGMENT_ROWS);
+  return {
+    key: "matmul_k_row_sum",
+    wgsl: () =>
+      `${LINEAR_WORKGROUP_WGSL}
+struct KRowSum { rows: u32, cols: u32, texels: u32, p0: u32 }
+@group(0) @binding(0) var src: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<uniform> p: KRowSum;
+
+@compute @workgroup_size(${K_SUM_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let x = linear_workgroup(wid, nwg) * ${K_SUM_WG}u + lid.x;
+  if (x >= p.texels) { return; }
+  var total = vec4<f32>(0.0);
+  for (var first = 0u; first < p.rows; first += ${K_SUM_CHUNK}u) {
+    var part = vec4<f32>(0.0);
+    let end = min(first + ${K_SUM_CHUNK}u, p.rows);
+    for (var row = first; row < end; row++) {
+      part += textureLoad(src, vec2<u32>((row >> ${shift}u) * p.texels + x, row & ${TEXTURE_SEGMENT_ROWS - 1}u));
+    }
+    total += part;
+  }
+  for (var c = 0u; c < 4u; c++) {
+    if (x * 4u + c < p.cols) { out[x * 4u + c] = total[c]; }
+  }
+}`,
+  };
+}
+
 /** The sizes a texture matmul dispatch runs with. */
 export interface TextureMatmulGeometry {
   batch: number;

@@ -146,6 +146,28 @@ Deno.test("texture matmul: gradients through the fast path match float64", async
     const dz = z.map((v, i) => w[i] * (gelu(v + h) - gelu(v - h)) / (2 * h));
     assertClose(await gradOf(a.t), refMatmul(dz, b.v, M, K, N), { what: "grad A", rtol: 1e-3, atol: 1e-4 });
     assertClose(await gradOf(b.t), refMatmul(dz, a.v, N, K, M, true), { what: "grad B", rtol: 1e-3, atol: 1e-4 });
+    assertClose(await gradOf(bias.t), columnSums(dz, M, N), { what: "grad bias", rtol: 1e-3, atol: 1e-4 });
+  });
+});
+
+function columnSums(x: ArrayLike<number>, rows: number, cols: number): Float64Array {
+  const out = new Float64Array(cols);
+  for (let i = 0; i < rows * cols; i++) out[i % cols] += x[i];
+  return out;
+}
+
+Deno.test("texture matmul: the bias gradient comes from the weight-gradient product's dZ texture", async () => {
+  const g = await gpu();
+  await withTexturePath(async () => {
+    // [K,N] weight: dZ is B of dW = A^T dZ. 20000 rows wrap its texture into two segments; 10 columns pad a texel.
+    const rows = 20000, inner = 3, cols = 10;
+    const x = param(g, [rows, inner], 61);
+    const w = param(g, [inner, cols], 62);
+    const bias = param(g, [cols], 63);
+    const weights = f32(randomArray(rows * cols, 64));
+    backward(sum(mul(matmul(x.t, w.t, { bias: bias.t }), fromArray(g, Float32Array.from(weights), [rows, cols]))));
+    assertClose(await gradOf(bias.t), columnSums(weights, rows, cols), { what: "grad bias, [K,N] weight" });
+    assertClose(await gradOf(w.t), refMatmul(x.v, weights, inner, cols, rows, true), { what: "grad W" });
   });
 });
 

@@ -7,6 +7,9 @@ import {
 } from "../../../kernels/matmul.ts";
 import {
   K_STEP,
+  kRowSumKernel,
+  kRowSumUniforms,
+  kRowSumWorkgroups,
   matmulDestination,
   matmulEpilogueKernel,
   type MatmulEpilogueSpec,
@@ -115,7 +118,14 @@ export const TEXTURE_MATMUL_MIN_MACS = 1 << 18;
  * invocations run over (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
  * One tile also means one multi-second compile.
  */
-const TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
+let TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
+
+/** Sets the texture kernel's tile for every later call (benchmarks compare tiles); returns the previous one. */
+export function setTextureTile(tile: MatmulTile): MatmulTile {
+  const previous = TEXTURE_TILE;
+  TEXTURE_TILE = tile;
+  return previous;
+}
 
 /** How `matmulForward` will run a product: the kernel path and, for the texture path, its tile and layouts. */
 export interface MatmulPlan {
@@ -194,6 +204,22 @@ export function matmulForward(
   opts: MatmulOptions = {},
   savePreActivation = false,
 ): { out: Tensor; pre: Tensor | null } {
+  const { out, pre } = matmulForwardSummingK(a, b, opts, savePreActivation, null);
+  return { out, pre };
+}
+
+/**
+ * `matmulForward` that also returns the sums over K of one operand's stored k rows (A stored [K,M], B stored
+ * [K,N]) when the texture path runs it on one matrix: it then reads the texture the product has just filled. `sums`
+ * is null otherwise, and the caller adds the rows itself.
+ */
+function matmulForwardSummingK(
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions,
+  savePreActivation: boolean,
+  summed: "a" | "b" | null,
+): { out: Tensor; pre: Tensor | null; sums: Tensor | null } {
   const plan = planMatmul(a, b, opts);
   const g = plan.geometry;
   const outShape = [...g.batchShape, g.m, g.n];
@@ -206,8 +232,11 @@ export function matmulForward(
   const out = empty(a.gpu, outShape);
   const pre = keepPre ? empty(a.gpu, outShape) : null;
   if (plan.texture) {
-    dispatchTextureMatmul(a, b, opts, plan.texture.spec, plan.texture.geometry, out, pre);
-    return { out, pre };
+    const { spec, geometry } = plan.texture;
+    const kRows = summed === "a" ? spec.transA : summed === "b" ? !spec.transB : false;
+    const sums = kRows && geometry.batch === 1 ? empty(a.gpu, [summed === "a" ? g.m : g.n]) : null;
+    dispatchTextureMatmul(a, b, opts, spec, geometry, out, pre, sums && { operand: summed!, out: sums });
+    return { out, pre, sums };
   }
   const epilogue = {
     bias: !!opts.bias,
@@ -238,11 +267,11 @@ export function matmulForward(
       tiledMatmulUniforms(shape),
       `${g.batch}x${g.m}x${g.n}x${g.k}`,
     );
-    return { out, pre };
+    return { out, pre, sums: null };
   }
   const spec: MatmulSpec = { ...shape, ...epilogue, transA, transB, aType, bType };
   a.gpu.dispatch(matmulKernel(spec), bindings, matmulWorkgroups(spec));
-  return { out, pre };
+  return { out, pre, sums: null };
 }
 
 /** Packs both operands into pooled textures, records the tiled product and, when needed, the epilogue pass. */
@@ -254,6 +283,7 @@ function dispatchTextureMatmul(
   g: TextureMatmulGeometry,
   out: Tensor,
   pre: Tensor | null,
+  kSums: { operand: "a" | "b"; out: Tensor } | null,
 ): void {
   const gpu = a.gpu;
   const pool = texturePool(gpu);
@@ -277,6 +307,10 @@ function dispatchTextureMatmul(
     textureMatmulUniforms(spec, g, dest),
     `${g.batch}x${g.m}x${g.n}x${g.k}`,
   );
+  if (kSums) {
+    const [texture, layout] = kSums.operand === "a" ? [ta, g.a] : [tb, g.b];
+    gpu.dispatch(kRowSumKernel(), [texture.view, kSums.out.buffer], kRowSumWorkgroups(layout), kRowSumUniforms(layout));
+  }
   // Commands run in recording order, so a later user of these textures or buffers cannot overtake this product.
   pool.release(ta);
   pool.release(tb);
@@ -351,6 +385,9 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
     }
     let da: Tensor | null = null;
     let db: Tensor | null = null;
+    // The weight-gradient product reads dZ as its k rows, so its texture also yields the bias gradient.
+    let dbias: Tensor | null = null;
+    const wantBias = !!opts.bias?.requiresGrad;
     if (a.requiresGrad) {
       const r = transA
         ? matmulForward(b, dz, { transA: transB, transB: true }).out // stored [K,M] = op(B) dZ^T
@@ -358,24 +395,29 @@ export function matmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Tensor {
       da = reduceBatch(r, a);
     }
     if (b.requiresGrad) {
-      const r = transB
-        ? matmulForward(dz, a, { transA: true, transB: transA }).out // stored [N,K] = dZ^T op(A)
-        : matmulForward(a, dz, { transA: !transA }).out; // [K,N] = op(A)^T dZ
+      const { out: r, sums } = transB
+        ? matmulForwardSummingK(dz, a, { transA: true, transB: transA }, false, wantBias ? "a" : null) // [N,K] = dZ^T op(A)
+        : matmulForwardSummingK(a, dz, { transA: !transA }, false, wantBias ? "b" : null); // [K,N] = op(A)^T dZ
       db = reduceBatch(r, b);
+      dbias = sums;
     }
     const grads: (Tensor | null)[] = [da, db];
     if (opts.bias) {
-      grads.push(
-        opts.bias.requiresGrad
-          ? sumAxesForward(dz, dz.shape.map((_, d) => d < dz.rank - 1)).view(opts.bias.shape)
-          : null,
-      );
+      if (wantBias && !dbias) dbias = sumAxesForward(dz, dz.shape.map((_, d) => d < dz.rank - 1));
+      grads.push(dbias && viewAs(dbias, opts.bias.shape));
     }
     if (opts.residual) grads.push(opts.residual.requiresGrad ? (dz === g ? g : viewOf(g)) : null);
     if (dz !== g) dz.dispose();
     pre?.dispose();
     return grads;
   });
+}
+
+/** `t` under another shape of the same size; `t` itself is given up. */
+function viewAs(t: Tensor, shape: readonly number[]): Tensor {
+  const v = t.view(shape);
+  t.dispose();
+  return v;
 }
 
 function viewOf(t: Tensor): Tensor {
