@@ -219,8 +219,8 @@ const K_SUM_CHUNK = 64;
 
 /** Uniforms of the k-row sum kernel: the rows and columns to sum and the texels per row. */
 export function kRowSumUniforms(layout: OperandLayout): Uint32Array {
-  if (layout.batches !== 1 || layout.segmentStep !== TEXTURE_SEGMENT_ROWS) {
-    throw new Error("kRowSumUniforms: needs one aligned matrix of k rows");
+  if (layout.batches !== 1 || layout.segmentStep !== TEXTURE_SEGMENT_ROWS || layout.rowsPerBatch % K_STEP !== 0) {
+    throw new Error("kRowSumUniforms: needs one aligned matrix of whole k passes");
   }
   return Uint32Array.from([layout.rowsPerBatch, layout.cols, layout.texelsPerRow, 0]);
 }
@@ -232,11 +232,18 @@ export function kRowSumWorkgroups(layout: OperandLayout): number {
 /**
  * The sum over its k rows of an operand texture holding one matrix of k rows: for the product's k-row operand dZ,
  * the column sums that a bias gradient needs. Reading the texture the product has just filled costs a small part of
- * a pass over dZ from its storage buffer, whose per-lane loads are slow on CPU back ends. Padding rows are zero.
+ * a pass over dZ from its storage buffer, whose per-lane loads are slow on CPU back ends. Padding rows are zero, and
+ * k-row layouts hold whole k passes, so the loop takes K_STEP rows at a time (a loop pass costs several loads).
  * Bindings: the texture, the output (one float per column), uniforms.
  */
 export function kRowSumKernel(): Kernel {
   const shift = Math.log2(TEXTURE_SEGMENT_ROWS);
+  const loads = Array.from({ length: K_STEP }, (_, i) => {
+    const row = `row + ${i}u`;
+    return `part += textureLoad(src, vec2<u32>(((${row}) >> ${shift}u) * p.texels + x, (${row}) & ${
+      TEXTURE_SEGMENT_ROWS - 1
+    }u));`;
+  }).join("\n      ");
   return {
     key: "matmul_k_row_sum",
     wgsl: () =>
@@ -255,8 +262,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   for (var first = 0u; first < p.rows; first += ${K_SUM_CHUNK}u) {
     var part = vec4<f32>(0.0);
     let end = min(first + ${K_SUM_CHUNK}u, p.rows);
-    for (var row = first; row < end; row++) {
-      part += textureLoad(src, vec2<u32>((row >> ${shift}u) * p.texels + x, row & ${TEXTURE_SEGMENT_ROWS - 1}u));
+    for (var row = first; row < end; row += ${K_STEP}u) {
+      ${loads}
     }
     total += part;
   }

@@ -74,12 +74,14 @@ function refL2Normalize(x: Float64Array, up: Float64Array, cols: number, eps: nu
 // Every case runs with both row layouts: one invocation per row (the CPU fallback's) and many lanes per row.
 const STRATEGIES: KernelStrategy[] = ["cpu", "gpu"];
 
-// [shape, x range]: widths that are multiples of no lane count, a 3-D input, a wide row, and an offset mean.
+// [shape, x range]: widths that are multiples of no lane count, a 3-D input, a wide row, and an offset mean in
+// both a register row and a looped one.
 const LAYER_NORM_CASES: [number[], number, number][] = [
   [[37, 29], -2, 2],
   [[3, 5, 29], -1, 3],
   [[6, 1024], -1, 1],
   [[7, 77], 30, 31],
+  [[5, 772], 30, 31],
 ];
 
 for (const strategy of STRATEGIES) {
