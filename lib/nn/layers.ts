@@ -25,10 +25,13 @@ export function layerNormP(p: Params, prefix: string, x: Tensor): Tensor {
   return layerNorm(x, p.get(`${prefix}.weight`), p.get(`${prefix}.bias`), LAYER_NORM_EPS);
 }
 
+/** The rows a tower's output is read from: [B, T, W] -> [B, W] (the class token, or each caption's EOT). */
+export type PoolRows = (tokens: Tensor) => Tensor;
+
 /**
  * Multi-head scaled dot-product attention on [B, T, W] inputs with packed q/k/v projections
  * (`in_proj_weight` [3W, W], `in_proj_bias` [3W]) as torch.nn.MultiheadAttention stores them; adds `residual`
- * to the output projection.
+ * to the output projection. With `pool`, only the pooled rows go on through the output projection.
  */
 export function selfAttention(
   p: Params,
@@ -37,6 +40,7 @@ export function selfAttention(
   heads: number,
   causal: boolean,
   residual: Tensor,
+  pool?: PoolRows,
 ): Tensor {
   const [b, t, w] = x.shape;
   const qkv = matmul(reshape(x, [b * t, w]), p.get(`${prefix}.in_proj_weight`), {
@@ -45,10 +49,16 @@ export function selfAttention(
   });
   // The fused kernel reads q, k and v per head straight from the packed projection and writes heads merged.
   const merged = attention(reshape(qkv, [b, t, 3 * w]), { heads, causal });
-  return linear(p, `${prefix}.out_proj`, merged, { residual });
+  return pool
+    ? linear(p, `${prefix}.out_proj`, pool(merged), { residual: pool(residual) })
+    : linear(p, `${prefix}.out_proj`, merged, { residual });
 }
 
-/** open_clip's ResidualAttentionBlock: x + attn(ln_1(x)), then + mlp(ln_2(x)). */
+/**
+ * open_clip's ResidualAttentionBlock: x + attn(ln_1(x)), then + mlp(ln_2(x)). With `pool`, the block returns only
+ * the pooled rows: every op after attention works row by row, so those rows come out exactly as from the whole
+ * block.
+ */
 export function residualAttentionBlock(
   p: Params,
   prefix: string,
@@ -56,12 +66,19 @@ export function residualAttentionBlock(
   heads: number,
   causal: boolean,
   activation: UnaryOp,
+  pool?: PoolRows,
 ): Tensor {
-  const h = selfAttention(p, `${prefix}.attn`, layerNormP(p, `${prefix}.ln_1`, x), heads, causal, x);
+  const h = selfAttention(p, `${prefix}.attn`, layerNormP(p, `${prefix}.ln_1`, x), heads, causal, x, pool);
   const hidden = linear(p, `${prefix}.mlp.c_fc`, layerNormP(p, `${prefix}.ln_2`, h), { activation });
   return linear(p, `${prefix}.mlp.c_proj`, hidden, { residual: h });
 }
 
+/**
+ * The residual blocks, returning the pooled rows [B, W] of the last one. Only attention mixes rows, so the last
+ * block carries just the pooled rows past its attention: for a tower that reads one row per sequence, that skips
+ * the output projection and the MLP of every other row (a sixth of ViT-B/32's work in its last block's tokens,
+ * forward and backward), with the same result.
+ */
 export function transformer(
   p: Params,
   prefix: string,
@@ -70,9 +87,19 @@ export function transformer(
   heads: number,
   causal: boolean,
   activation: UnaryOp,
+  pool: PoolRows,
 ): Tensor {
+  if (layers === 0) return pool(x);
   for (let i = 0; i < layers; i++) {
-    x = residualAttentionBlock(p, `${prefix}.resblocks.${i}`, x, heads, causal, activation);
+    x = residualAttentionBlock(
+      p,
+      `${prefix}.resblocks.${i}`,
+      x,
+      heads,
+      causal,
+      activation,
+      i === layers - 1 ? pool : undefined,
+    );
   }
   return x;
 }

@@ -21,12 +21,13 @@ export function eotPositions(tokens: Int32Array, contextLength: number): Int32Ar
 
 /**
  * open_clip's text tower: token + positional embedding, causal pre-norm blocks, ln_final and projection of the
- * features at the EOT position. tokens: i32 [B, ctx], eot: i32 [B] -> [B, embed_dim]. The final layer norm is
- * applied after the EOT gather: it works row by row, so the result is the same for B rows instead of B * ctx.
+ * features at the EOT position. tokens: i32 [B, ctx], eot: i32 [B] -> [B, embed_dim]. The EOT rows are gathered
+ * right after the last block's attention (see `transformer`) and the final layer norm follows the gather: both work
+ * row by row, so the result is the same for B rows instead of B * ctx.
  */
 export function encodeTextTower(p: Params, t: TextConfig, activation: UnaryOp, tokens: Tensor, eot: Tensor): Tensor {
-  let x = add(embedding(p.get("token_embedding.weight"), tokens), p.get("positional_embedding"));
-  x = transformer(p, "transformer", x, t.layers, t.heads, true, activation);
-  const pooled = layerNormP(p, "ln_final", gatherRows(x, eot));
+  const x = add(embedding(p.get("token_embedding.weight"), tokens), p.get("positional_embedding"));
+  const atEot = transformer(p, "transformer", x, t.layers, t.heads, true, activation, (rows) => gatherRows(rows, eot));
+  const pooled = layerNormP(p, "ln_final", atEot);
   return matmul(pooled, p.get("text_projection"));
 }

@@ -18,8 +18,8 @@ export function encodeImageViT(p: Params, v: ViTVisionConfig, activation: UnaryO
   const cls = add(zeros(images.gpu, [b, 1, v.width]), p.get("visual.class_embedding"));
   let x = add(concat([cls, tokens], 1), p.get("visual.positional_embedding"));
   x = layerNormP(p, "visual.ln_pre", x);
-  x = transformer(p, "visual.transformer", x, v.layers, visionHeads(v), false, activation);
-  const pooled = reshape(slice(x, 1, 0, 1), [b, v.width]);
+  const classToken = (t: Tensor) => reshape(slice(t, 1, 0, 1), [b, v.width]);
+  const pooled = transformer(p, "visual.transformer", x, v.layers, visionHeads(v), false, activation, classToken);
   const normed = layerNorm(pooled, p.get("visual.ln_post.weight"), p.get("visual.ln_post.bias"), LAYER_NORM_EPS);
   return matmul(normed, p.get("visual.proj"));
 }
