@@ -507,10 +507,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }`;
 }
 
+/**
+ * Where the epilogue pass finds the raw product: a scratch buffer of whole tiles (N not a multiple of 4), C itself,
+ * or the pre-activation buffer, which the product kernel then fills with the product plus bias.
+ */
+export type EpilogueSource = "scratch" | "c" | "pre";
+
 /** What the epilogue pass does besides copying (bias, activation, pre-activation save, residual). */
 export interface MatmulEpilogueSpec {
-  /** The raw product is already in C (written directly) rather than in a scratch buffer. */
-  inPlace: boolean;
+  source: EpilogueSource;
   bias: boolean;
   activation: UnaryOp | null;
   savePreActivation: boolean;
@@ -526,43 +531,46 @@ export function matmulEpilogueWorkgroups(batch: number, m: number): number {
 }
 
 /**
- * C = act(P + bias) + residual elementwise over the raw product P (in a scratch buffer, or in C itself), also
- * saving act's input when asked. In place, N is a multiple of 4 and every access is a whole vec4, which halves the
- * cost of this pass on CPU back ends. Bindings: P unless in place, C, then bias, residual, pre-activation when
- * enabled, then the uniforms.
+ * C = act(P + bias) + residual elementwise over the raw product P (in a scratch buffer, in C itself, or in the
+ * pre-activation buffer), also saving act's input when asked. Outside the scratch route N is a multiple of 4 and
+ * every access is a whole vec4, which halves the cost of this pass on CPU back ends. Bindings: P from scratch or
+ * pre, C, then bias, residual, pre-activation when enabled, then the uniforms.
  */
 export function matmulEpilogueKernel(spec: MatmulEpilogueSpec): Kernel {
-  const key = `matmul_epilogue/${spec.inPlace}/${spec.bias}/${spec.activation}/${spec.savePreActivation}/` +
+  const key = `matmul_epilogue/${spec.source}/${spec.bias}/${spec.activation}/${spec.savePreActivation}/` +
     `${spec.residual}`;
-  const type = spec.inPlace ? "vec4<f32>" : "f32";
+  const vector = spec.source !== "scratch";
+  const type = vector ? "vec4<f32>" : "f32";
   let binding = 0;
   const declarations: string[] = [];
   const declare = (name: string, access: "read" | "read_write", t: string) =>
     declarations.push(`@group(0) @binding(${binding++}) var<storage, ${access}> ${name}: array<${t}>;`);
-  if (!spec.inPlace) declare("src", "read", "f32");
+  if (spec.source === "scratch") declare("src", "read", "f32");
+  if (spec.source === "pre") declare("src", "read", type);
   declare("c", "read_write", type);
   if (spec.bias) declare("bias", "read", type);
   if (spec.residual) declare("residual", "read", type);
   if (spec.savePreActivation) declare("pre", "read_write", type);
   declarations.push(`@group(0) @binding(${binding++}) var<uniform> e: Epilogue;`);
   let activation = "z";
-  if (spec.activation && spec.inPlace) {
+  if (spec.activation && vector) {
     activation = `vec4<f32>(${
       ["x", "y", "z", "w"].map((c) => unaryExpression(spec.activation!, `z.${c}`)).join(", ")
     })`;
   } else if (spec.activation) {
     activation = unaryExpression(spec.activation, "z");
   }
+  const read = { scratch: `var z = src[src_row + col];`, c: `var z = c[i];`, pre: `var z = src[i];` }[spec.source];
   const body = [
-    spec.inPlace ? `var z = c[i];` : `var z = src[src_row + col];`,
+    read,
     spec.bias ? `z += bias[col];` : "",
     spec.savePreActivation ? `pre[i] = z;` : "",
     `var y = ${activation};`,
     spec.residual ? `y += residual[i];` : "",
     `c[i] = y;`,
   ].filter(Boolean).join("\n    ");
-  // In place the loop runs over vec4 columns: `col` and `i` then count vec4s.
-  const cols = spec.inPlace ? "e.n / 4u" : "e.n";
+  // On the vec4 routes the loop runs over vec4 columns: `col` and `i` then count vec4s.
+  const cols = vector ? "e.n / 4u" : "e.n";
   return {
     key,
     wgsl: () =>

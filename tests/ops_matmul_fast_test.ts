@@ -90,6 +90,9 @@ Deno.test("texture matmul: batched A and B with a vec4 epilogue, and a shared A 
       true,
     );
     assert.ok(pre);
+    // Without the pre-activation the activation runs in place over C (the route inference takes).
+    const inPlace = matmulForward(a.t, b.t, { transB: true, bias: bias.t, activation: "quick_gelu", residual: res.t });
+    assert.equal(inPlace.pre, null);
     const shared = param(g, [k, m], 33, -1, 1, false);
     const out2 = matmulForward(shared.t, b.t, { transA: true, transB: true }).out;
     const z = new Float64Array(B * m * n);
@@ -103,6 +106,7 @@ Deno.test("texture matmul: batched A and B with a vec4 epilogue, and a shared A 
     const quickGelu = (x: number) => x / (1 + Math.exp(-1.702 * x));
     assertClose(await pre.read(), z, { what: "pre-activation" });
     assertClose(await out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), { what: "batched, epilogue" });
+    assertClose(await inPlace.out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), { what: "epilogue in place" });
     assertClose(await out2.read(), expected2, { what: "shared A" });
   });
 });

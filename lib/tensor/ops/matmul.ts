@@ -179,12 +179,12 @@ function operandType(t: Tensor): OperandType {
 }
 
 /**
- * What the texture kernel adds as it stores: a bias and a residual when C is stored directly (N % 4 == 0) and no
- * activation has to come between them (with one, the epilogue pass does all three).
+ * What the texture kernel adds as it stores, when C is stored directly (N % 4 == 0): the bias, and the residual
+ * unless an activation has to come before it (the epilogue pass then adds it).
  */
 function fusedStores(n: number, opts: MatmulOptions): { bias: boolean; residual: boolean } {
-  const fuse = n % 4 === 0 && !opts.activation;
-  return { bias: fuse && !!opts.bias, residual: fuse && !!opts.residual };
+  const direct = n % 4 === 0;
+  return { bias: direct && !!opts.bias, residual: direct && !opts.activation && !!opts.residual };
 }
 
 /** The texture-kernel specialisation an adapter runs for an operand orientation (benchmarks time its compile). */
@@ -294,12 +294,14 @@ function dispatchTextureMatmul(
   const direct = g.n % 4 === 0;
   const dest = matmulDestination(spec, g, direct);
   const scratch = direct ? null : gpu.pool.acquire(g.batch * dest.rows * dest.rowStride * 4);
+  // With an activation to apply and its input to keep, the product (plus its fused bias) goes straight to `pre`.
+  const toPre = direct && pre !== null;
   gpu.dispatch(
     textureMatmulKernel(spec),
     [
       ta.view,
       tb.view,
-      scratch ?? out.buffer,
+      scratch ?? (toPre ? pre : out).buffer,
       ...(spec.bias ? [opts.bias!.buffer] : []),
       ...(spec.residual ? [opts.residual!.buffer] : []),
     ],
@@ -315,19 +317,19 @@ function dispatchTextureMatmul(
   pool.release(ta);
   pool.release(tb);
   const epilogue: MatmulEpilogueSpec = {
-    inPlace: direct,
+    source: scratch ? "scratch" : toPre ? "pre" : "c",
     bias: !!opts.bias && !spec.bias,
     activation: opts.activation ?? null,
-    savePreActivation: pre !== null,
+    savePreActivation: pre !== null && !toPre,
     residual: !!opts.residual && !spec.residual,
   };
   if (direct && !epilogue.bias && !epilogue.activation && !epilogue.residual) return;
   const bindings = [
-    ...(scratch ? [scratch] : []),
+    ...(scratch ? [scratch] : toPre ? [pre.buffer] : []),
     out.buffer,
     ...(epilogue.bias ? [opts.bias!.buffer] : []),
     ...(epilogue.residual ? [opts.residual!.buffer] : []),
-    ...(pre ? [pre.buffer] : []),
+    ...(epilogue.savePreActivation ? [pre!.buffer] : []),
   ];
   gpu.dispatch(
     matmulEpilogueKernel(epilogue),
