@@ -18,8 +18,6 @@ export interface AdamWUniforms {
   /** The updated value is clamped into [clampMin, clampMax] (the logit scale's [0, ln 100]); ±Infinity for none. */
   clampMin: number;
   clampMax: number;
-  /** Index of the tensor's first partial sum of squares (the summing variant of the kernel only). */
-  firstPartial?: number;
 }
 
 export function adamwUniforms(u: AdamWUniforms): ArrayBuffer {
@@ -36,57 +34,35 @@ export function adamwUniforms(u: AdamWUniforms): ArrayBuffer {
     Math.max(u.clampMin, -3.4e38),
     Math.min(u.clampMax, 3.4e38),
   ]);
-  new Uint32Array(buf, 40, 1)[0] = u.firstPartial ?? 0;
   return buf;
 }
 
 /**
  * PyTorch's AdamW, elementwise: p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps), with g = grad * gradScale[0].
- * An invocation updates whole vec4 words (4 elements: a quarter of the loads, which dominate on the CPU fallback).
- * The last word of a tensor whose size is not a multiple of 4 reaches into the padding of its pooled buffers (sizes
- * are whole 16-byte words); the padding keeps its old bits.
- *
- * With `sumSquares`, the update also writes the partial sums of squares of the gradient exactly as `sumSquaresKernel`
- * would (the same words per invocation, in the same order), so when no clipping needs the norm before the update,
- * one pass over the gradients serves both. Bindings: param, grad, m, v, grad scale, then the partials if summed,
- * then the uniforms.
+ * Each invocation updates one vec4 word (4 elements: a quarter of the loads, which dominate on the CPU fallback). The
+ * last word of a tensor whose size is not a multiple of 4 reaches into the padding of its pooled buffers (sizes are
+ * whole 16-byte words); the padding keeps its old bits.
  */
-export function adamwKernel(sumSquares = false): Kernel {
-  const main = sumSquares
-    ? `let j = linear_workgroup(wid, nwg) * ${OPTIMIZER_WG}u + lid.x;
-  let words = (u.n + 3u) / 4u;
-  let partials = max(1u, (words + ${SUM_SQUARES_WORDS - 1}u) / ${SUM_SQUARES_WORDS}u);
-  if (j >= partials) { return; }
-  var s = vec4<f32>(0.0);
-  for (var w = j; w < words; w += partials) { let g = update(w); s += g * g; }
-  partial[u.first + j] = (s.x + s.y) + (s.z + s.w);`
-    : `let i = linear_workgroup(wid, nwg) * ${OPTIMIZER_WG}u + lid.x;
-  if (4u * i < u.n) { _ = update(i); }`;
+export function adamwKernel(): Kernel {
   return {
-    key: `adamw4${sumSquares ? "/sum_squares" : ""}`,
+    key: "adamw4",
     wgsl: () =>
       `${LINEAR_WORKGROUP_WGSL}
-struct U {
-  n: u32, lr: f32, wd: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, clamp_min: f32, clamp_max: f32, first: u32,
-};
+struct U { n: u32, lr: f32, wd: f32, b1: f32, b2: f32, eps: f32, bc1: f32, bc2: f32, clamp_min: f32, clamp_max: f32 };
 @group(0) @binding(0) var<storage, read_write> param: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> grad: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> m: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> grad_scale: array<f32>;
-${
-        sumSquares
-          ? `@group(0) @binding(5) var<storage, read_write> partial: array<f32>;
-@group(0) @binding(6) var<uniform> u: U;`
-          : "@group(0) @binding(5) var<uniform> u: U;"
-      }
-
-// Updates word i; returns its gradient before scaling, with the padding of a last partial word as 0.
-fn update(i: u32) -> vec4<f32> {
+@group(0) @binding(5) var<uniform> u: U;
+@compute @workgroup_size(${OPTIMIZER_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = linear_workgroup(wid, nwg) * ${OPTIMIZER_WG}u + lid.x;
+  if (4u * i >= u.n) { return; }
   let padding = vec4<u32>(4u * i) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(u.n);
-  let raw = select(grad[i], vec4<f32>(0.0), padding);
-  let g = raw * grad_scale[0];
+  let g = grad[i] * grad_scale[0];
   let p0 = param[i];
   let m0 = m[i];
   let v0 = v[i];
@@ -97,13 +73,6 @@ fn update(i: u32) -> vec4<f32> {
   v[i] = select(vi, v0, padding);
   p = p - (u.lr / u.bc1) * mi / (sqrt(vi) / sqrt(u.bc2) + u.eps);
   param[i] = select(clamp(p, vec4<f32>(u.clamp_min), vec4<f32>(u.clamp_max)), p0, padding);
-  return raw;
-}
-
-@compute @workgroup_size(${OPTIMIZER_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
-  ${main}
 }`,
   };
 }

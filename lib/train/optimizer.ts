@@ -53,7 +53,6 @@ export class AdamW {
   /** [clip coefficient, gradient norm] of the last step. */
   readonly clipState: Tensor;
   step = 0;
-  private lastStepClipped = false;
 
   constructor(private gpu: Gpu, params: [string, Tensor][], readonly config: AdamWConfig) {
     this.slots = params.map(([name, param]) => ({
@@ -73,26 +72,27 @@ export class AdamW {
     this.step++;
     const { beta1, beta2, eps, weightDecay } = this.config;
     const withGrad = this.slots.filter((s) => s.param.grad);
-    // Clipping needs the norm before any update; without it, the updates also sum the squares for the logs. They
-    // scale gradients by the coefficient the last step left, which is 1 unless that step clipped.
-    const clips = this.config.gradClip > 0 || this.lastStepClipped;
-    this.lastStepClipped = this.config.gradClip > 0;
     let partials = 0;
-    if (clips) {
-      for (const s of withGrad) {
-        this.gpu.dispatch(
-          sumSquaresKernel(),
-          [s.param.grad!.buffer, this.partial.buffer],
-          foldWorkgroups(sumSquaresWorkgroups(s.param.size)),
-          Uint32Array.of(s.param.size, partials),
-        );
-        partials += sumSquaresPartials(s.param.size);
-      }
-      this.recordClipCoefficient(partials);
-      partials = 0;
-    }
     for (const s of withGrad) {
-      const uniforms = new Uint8Array(adamwUniforms({
+      this.gpu.dispatch(
+        sumSquaresKernel(),
+        [s.param.grad!.buffer, this.partial.buffer],
+        foldWorkgroups(sumSquaresWorkgroups(s.param.size)),
+        Uint32Array.of(s.param.size, partials),
+      );
+      partials += sumSquaresPartials(s.param.size);
+    }
+    const clipUniform = new ArrayBuffer(8);
+    new Uint32Array(clipUniform, 0, 1)[0] = partials;
+    new Float32Array(clipUniform, 4, 1)[0] = this.config.gradClip;
+    this.gpu.dispatch(
+      clipCoefficientKernel(),
+      [this.partial.buffer, this.clipState.buffer],
+      1,
+      new Uint8Array(clipUniform),
+    );
+    for (const s of withGrad) {
+      const uniforms = adamwUniforms({
         n: s.param.size,
         lr,
         weightDecay: s.decay ? weightDecay : 0,
@@ -103,37 +103,15 @@ export class AdamW {
         biasCorrection2: 1 - beta2 ** this.step,
         clampMin: CLAMPED[s.name]?.[0] ?? -Infinity,
         clampMax: CLAMPED[s.name]?.[1] ?? Infinity,
-        firstPartial: partials,
-      }));
-      const buffers = [s.param.buffer, s.param.grad!.buffer, s.m.buffer, s.v.buffer, this.clipState.buffer];
-      if (clips) {
-        this.gpu.dispatch(adamwKernel(), buffers, foldWorkgroups(adamwWorkgroups(s.param.size)), uniforms);
-      } else {
-        this.gpu.dispatch(
-          adamwKernel(true),
-          [...buffers, this.partial.buffer],
-          foldWorkgroups(sumSquaresWorkgroups(s.param.size)),
-          uniforms,
-        );
-        partials += sumSquaresPartials(s.param.size);
-      }
+      });
+      this.gpu.dispatch(
+        adamwKernel(),
+        [s.param.buffer, s.param.grad!.buffer, s.m.buffer, s.v.buffer, this.clipState.buffer],
+        foldWorkgroups(adamwWorkgroups(s.param.size)),
+        new Uint8Array(uniforms),
+      );
     }
-    // Without clipping the coefficient stays 1 (the updates above read it from the last step); this records the norm.
-    if (!clips) this.recordClipCoefficient(partials);
     this.zeroGrad();
-  }
-
-  /** clipState = [clip coefficient, gradient norm] from the first `partials` partial sums of squares. */
-  private recordClipCoefficient(partials: number): void {
-    const clipUniform = new ArrayBuffer(8);
-    new Uint32Array(clipUniform, 0, 1)[0] = partials;
-    new Float32Array(clipUniform, 4, 1)[0] = this.config.gradClip;
-    this.gpu.dispatch(
-      clipCoefficientKernel(),
-      [this.partial.buffer, this.clipState.buffer],
-      1,
-      new Uint8Array(clipUniform),
-    );
   }
 
   zeroGrad(): void {
