@@ -114,16 +114,17 @@ export function setMatmulPath(path: MatmulPath): MatmulPath {
 export const TEXTURE_MATMUL_MIN_MACS = 1 << 18;
 
 /**
- * 32x32 outputs per invocation was the fastest tile measured on llvmpipe. Narrow products need no narrower tile:
+ * 32x32 outputs per invocation: with 64x16 the fastest tile measured on llvmpipe (within 2-3% of each other in
+ * interleaved runs, `bench/matmul_variants.ts`; 32x16 was 6-11% slower). Narrow products need no narrower tile:
  * invocations run over (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
  * One tile also means one multi-second compile.
  */
-let TEXTURE_TILE: MatmulTile = { tm: 32, tn: 32 };
+let textureTile: MatmulTile = { tm: 32, tn: 32 };
 
 /** Sets the texture kernel's tile for every later call (benchmarks compare tiles); returns the previous one. */
 export function setTextureTile(tile: MatmulTile): MatmulTile {
-  const previous = TEXTURE_TILE;
-  TEXTURE_TILE = tile;
+  const previous = textureTile;
+  textureTile = tile;
   return previous;
 }
 
@@ -146,7 +147,7 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     ? g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
     : pathOverride === "texture";
   if (!wanted) return { path: storagePath, geometry: g };
-  const { tm, tn } = TEXTURE_TILE;
+  const { tm, tn } = textureTile;
   const aBatches = g.aBatchStride ? g.batch : 1;
   const bBatches = g.bBatchStride ? g.batch : 1;
   // Textures hold the stored rows: A [M,K] has tile rows, A^T [K,M] k rows; B [K,N] k rows, B^T [N,K] tile rows.
@@ -194,7 +195,7 @@ export function textureSpecFor(
   transB = false,
   fused = { bias: false, residual: false },
 ): TextureMatmulSpec {
-  return { tile: TEXTURE_TILE, lanes: adapter.cpuLanes || 8, transA, transB, ...fused };
+  return { tile: textureTile, lanes: adapter.cpuLanes || 8, transA, transB, ...fused };
 }
 
 /** Records one matmul without autograd; returns the output and, if asked, the pre-activation values. */
