@@ -46,7 +46,8 @@ function batchNote(first: number, times: number[]): string {
 export async function measureEmbedding(batches: number, exportDir?: string): Promise<ChildReport> {
   const gpu = await getGpu();
   const config = await loadModelConfig(EMBED.model);
-  const model = ClipModel.init(gpu, config, EMBED.seed);
+  // Embedding is forward only: the Linear weights are held transposed, as `clip embed` holds them.
+  const model = ClipModel.init(gpu, config, EMBED.seed).forInference();
   const side = config.vision_cfg.image_size;
   const ctx = config.text_cfg.context_length;
   const b = EMBED.batch;

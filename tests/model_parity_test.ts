@@ -1,4 +1,5 @@
 // Parity with open_clip's PyTorch code on the reference fixtures: same weights and inputs, same features and logits.
+import assert from "node:assert/strict";
 import { assertClose, f32File, gpu, i32File } from "./helpers.ts";
 import { loadStateDict, resolveCheckpoint } from "../lib/io/checkpoint_layout.ts";
 import { ClipModel } from "../lib/nn/clip.ts";
@@ -11,12 +12,17 @@ const ROOT = new URL("./fixtures/models/", import.meta.url).pathname;
 
 const maxAbs = (x: Float32Array) => x.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
 
-for (const name of ["vit_tiny", "vit_tiny_hf", "rn_tiny"]) {
-  Deno.test(`${name}: image and text features and logits match open_clip`, async () => {
+// Each model also runs with its Linear weights held transposed for inference (`ClipModel.forInference`).
+for (
+  const [name, inference] of ["vit_tiny", "vit_tiny_hf", "rn_tiny"].flatMap((n) => [[n, false], [n, true]] as const)
+) {
+  const label = `${name}${inference ? " (inference layout)" : ""}`;
+  Deno.test(`${label}: image and text features and logits match open_clip`, async () => {
     const g = await gpu();
     const dir = `${ROOT}${name}`;
     const resolved = await resolveCheckpoint(dir);
     const model = ClipModel.fromStateDict(g, resolved.config, await loadStateDict(resolved));
+    if (inference) model.forInference();
     const ref = `${dir}/reference`;
     const images = await f32File(`${ref}/input_images.f32`);
     const tokens = await i32File(`${ref}/input_tokens.i32`);
@@ -72,10 +78,31 @@ for (const name of ["vit_tiny", "vit_tiny_hf", "rn_tiny"]) {
             what: "exp(logit_scale)",
           }),
         };
-        console.log(`${name} max abs errors: ${JSON.stringify(errors)}`);
+        console.log(`${label} max abs errors: ${JSON.stringify(errors)}`);
       });
     } finally {
       model.params.dispose();
     }
   });
 }
+
+Deno.test("inference layout: the Linear weights are held transposed, and downloads still give open_clip's layout", async () => {
+  const g = await gpu();
+  const resolved = await resolveCheckpoint(`${ROOT}vit_tiny`);
+  const state = await loadStateDict(resolved);
+  const model = ClipModel.fromStateDict(g, resolved.config, state).forInference();
+  try {
+    const name = "visual.transformer.resblocks.0.mlp.c_fc.weight";
+    assert.ok(model.params.isTransposed(name));
+    assert.deepEqual(model.params.get(name).shape, [...state.get(name)!.shape].reverse());
+    assert.ok(!model.params.isTransposed("visual.proj"), "only Linear weights change layout");
+    const downloaded = await model.params.download();
+    assert.equal(downloaded.size, state.size);
+    for (const [n, h] of state) {
+      assert.deepEqual(downloaded.get(n)!.shape, h.shape, n);
+      assert.deepEqual(downloaded.get(n)!.data, h.data, n);
+    }
+  } finally {
+    model.params.dispose();
+  }
+});

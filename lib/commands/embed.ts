@@ -131,7 +131,7 @@ export const embedCommand: Command = {
     await ensureWritableFolder(out, "--out");
 
     const gpu = await getGpu();
-    const { model, preprocess, source } = await loadModel(gpu, v.model!);
+    const { model, preprocess, source } = await loadModel(gpu, v.model!, { inference: true });
     const tokenizer = kindsOf(plan).includes("text") ? await ClipTokenizer.load() : undefined;
     const total = inputCount(plan, todo) ??
       (plan.source.kind === "shards" ? await datasetSampleCount(todo.map((p) => p.shard!)) : null);

@@ -202,7 +202,7 @@ interface Encoder {
 }
 
 async function loadEncoder(plan: EvalPlan, batchSize: number, needsText: boolean): Promise<Encoder> {
-  const { model, preprocess, source } = await loadModel(await getGpu(), plan.model);
+  const { model, preprocess, source } = await loadModel(await getGpu(), plan.model, { inference: true });
   const shards = plan.shards.data.length + plan.shards["train-data"].length;
   console.error(`evaluating ${plan.model} (${source}) on ${shards} shard(s): ${TASK_NAMES[plan.task]}`);
   return { model, preprocess, batchSize, tokenizer: needsText ? await ClipTokenizer.load() : undefined };

@@ -80,7 +80,7 @@ export const zeroshotCommand: Command = {
     }
 
     const gpu = await getGpu();
-    const { model, preprocess } = await loadModel(gpu, v.model);
+    const { model, preprocess } = await loadModel(gpu, v.model, { inference: true });
     const tokenizer = await ClipTokenizer.load();
     const classifier = await zeroShotClassifier(model, tokenizer, names, templates);
     const scale = await logitScaleOf(model);

@@ -5,6 +5,7 @@ import type { Tensor } from "../tensor/tensor.ts";
 import type { UnaryOp } from "../../kernels/elementwise.ts";
 import { type ClipConfig, expectedShapes, isResNetVision } from "./config.ts";
 import { initParameters } from "./init.ts";
+import { isLinearWeight } from "./layers.ts";
 import { expectShape, type HostTensor, Params } from "./params.ts";
 import { encodeImageResNet } from "./resnet.ts";
 import { encodeTextTower, eotPositions } from "./text.ts";
@@ -29,6 +30,16 @@ export class ClipModel {
 
   static fromStateDict(gpu: Gpu, config: ClipConfig, state: Map<string, HostTensor>): ClipModel {
     return new ClipModel(config, Params.upload(gpu, state));
+  }
+
+  /**
+   * Holds the Linear weights transposed, which speeds up every forward pass on CPU back ends (see
+   * `Params.transposeForInference`). For models that only embed, classify or evaluate: the transposed weights take no
+   * gradients. Checkpoints written afterwards still hold open_clip's layout.
+   */
+  forInference(): this {
+    this.params.transposeForInference([...this.params.tensors.keys()].filter(isLinearWeight));
+    return this;
   }
 
   get activation(): UnaryOp {

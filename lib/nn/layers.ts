@@ -5,20 +5,35 @@ import type { Tensor } from "../tensor/tensor.ts";
 import { LAYER_NORM_EPS } from "./config.ts";
 import type { Params } from "./params.ts";
 
-/** y = x W^T + b (+ activation, + residual) over the last axis, as torch.nn.Linear stores W [out, in]. */
+/**
+ * y = x W^T + b (+ activation, + residual) over the last axis, as torch.nn.Linear stores W [out, in] (or x W when the
+ * parameters hold W transposed for inference).
+ */
 export function linear(
   p: Params,
   prefix: string,
   x: Tensor,
   opts: { activation?: UnaryOp | null; residual?: Tensor; bias?: boolean } = {},
 ): Tensor {
-  const w = p.get(`${prefix}.weight`);
+  const { w, transB, out } = linearWeight(p, `${prefix}.weight`);
   const lead = x.shape.slice(0, -1);
   const x2 = reshape(x, [-1, x.shape[x.rank - 1]]);
-  const residual = opts.residual ? reshape(opts.residual, [-1, w.shape[0]]) : undefined;
+  const residual = opts.residual ? reshape(opts.residual, [-1, out]) : undefined;
   const bias = opts.bias === false ? undefined : p.get(`${prefix}.bias`);
-  const y = matmul(x2, w, { transB: true, bias, activation: opts.activation ?? null, residual });
-  return reshape(y, [...lead, w.shape[0]]);
+  const y = matmul(x2, w, { transB, bias, activation: opts.activation ?? null, residual });
+  return reshape(y, [...lead, out]);
+}
+
+/** A Linear weight as the product takes it: [out, in] read transposed, or [in, out] as held for inference. */
+function linearWeight(p: Params, name: string): { w: Tensor; transB: boolean; out: number } {
+  const w = p.get(name);
+  const transB = !p.isTransposed(name);
+  return { w, transB, out: w.shape[transB ? 0 : 1] };
+}
+
+/** The parameters that `linear` and `selfAttention` use as Linear weights. */
+export function isLinearWeight(name: string): boolean {
+  return /(\.in_proj_weight|\.(out_proj|c_fc|c_proj|q_proj|k_proj|v_proj)\.weight)$/.test(name);
 }
 
 export function layerNormP(p: Params, prefix: string, x: Tensor): Tensor {
@@ -43,8 +58,9 @@ export function selfAttention(
   pool?: PoolRows,
 ): Tensor {
   const [b, t, w] = x.shape;
-  const qkv = matmul(reshape(x, [b * t, w]), p.get(`${prefix}.in_proj_weight`), {
-    transB: true,
+  const inProj = linearWeight(p, `${prefix}.in_proj_weight`);
+  const qkv = matmul(reshape(x, [b * t, w]), inProj.w, {
+    transB: inProj.transB,
     bias: p.get(`${prefix}.in_proj_bias`),
   });
   // The fused kernel reads q, k and v per head straight from the packed projection and writes heads merged.

@@ -15,25 +15,22 @@ export interface LoadedModel {
 /**
  * A model from anything users name: a built-in config or config JSON (freshly initialised from `seed`), a checkpoint
  * folder (open_clip or Hugging Face layout, or a training run's folder), `hf-hub:ORG/NAME` or a pretrained tag.
+ * `inference` readies it for forward passes only (`ClipModel.forInference`).
  */
 export async function loadModel(
   gpu: Gpu,
   spec: string,
-  opts: { seed?: number; hub?: HubOptions } = {},
+  opts: { seed?: number; hub?: HubOptions; inference?: boolean } = {},
 ): Promise<LoadedModel> {
   const resolved = await resolveModel(spec, opts.hub);
-  if (!resolved.weightsPath) {
-    const seed = opts.seed ?? 0;
-    return {
-      model: ClipModel.init(gpu, resolved.config, seed),
-      preprocess: resolved.preprocess,
-      source: `init(${seed})`,
-    };
-  }
-  const state = await loadStateDict(resolved);
+  const seed = opts.seed ?? 0;
+  const model = resolved.weightsPath
+    ? ClipModel.fromStateDict(gpu, resolved.config, await loadStateDict(resolved))
+    : ClipModel.init(gpu, resolved.config, seed);
+  if (opts.inference) model.forInference();
   return {
-    model: ClipModel.fromStateDict(gpu, resolved.config, state),
+    model,
     preprocess: resolved.preprocess,
-    source: resolved.source,
+    source: resolved.weightsPath ? resolved.source : `init(${seed})`,
   };
 }

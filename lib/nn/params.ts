@@ -1,8 +1,9 @@
 import { ClipError } from "../errors.ts";
 import { isBufferKey } from "./config.ts";
 import type { Gpu } from "../gpu/runtime.ts";
-import { requireGrad } from "../tensor/autograd.ts";
+import { noGrad, requireGrad } from "../tensor/autograd.ts";
 import { fromArray } from "../tensor/create.ts";
+import { transpose } from "../tensor/ops/layout.ts";
 import { persist, type Shape, shapeString, type Tensor } from "../tensor/tensor.ts";
 
 /** A host-side tensor: what checkpoints hold and initialisers produce. */
@@ -17,8 +18,31 @@ export interface HostTensor {
  */
 export class Params {
   readonly tensors = new Map<string, Tensor>();
+  /** Linear weights held as [in, out] instead of open_clip's [out, in]: see `transposeForInference`. */
+  private readonly transposed = new Set<string>();
 
   constructor(readonly gpu: Gpu) {}
+
+  /** True when the [out, in] weight `name` is held transposed, as [in, out]. */
+  isTransposed(name: string): boolean {
+    return this.transposed.has(name);
+  }
+
+  /**
+   * Holds these [out, in] weights as [in, out], for a model that only runs forward: on CPU back ends a product reads
+   * a [K, N] right operand about 10% faster than a transposed one (ViT-B/32's shapes, lavapipe), and inference pays
+   * the transposes once. The transposed weights take no gradients; `download` still gives open_clip's layout.
+   */
+  transposeForInference(names: Iterable<string>): void {
+    for (const name of names) {
+      if (this.transposed.has(name)) continue;
+      const w = this.get(name);
+      if (w.rank !== 2) throw new Error(`transposeForInference: '${name}' is not a matrix`);
+      this.tensors.set(name, persist(noGrad(() => transpose(w, 0, 1))));
+      w.dispose();
+      this.transposed.add(name);
+    }
+  }
 
   get(name: string): Tensor {
     const t = this.tensors.get(name);
@@ -51,7 +75,11 @@ export class Params {
     const datas = await this.gpu.readMany(
       names.map((n) => ({ buffer: this.get(n).buffer, bytes: this.get(n).byteLength })),
     );
-    return new Map(names.map((n, i) => [n, { shape: [...this.get(n).shape], data: new Float32Array(datas[i]) }]));
+    return new Map(names.map((n, i) => {
+      const data = new Float32Array(datas[i]);
+      const [rows, cols] = this.get(n).shape;
+      return [n, this.transposed.has(n) ? transposeHost(data, rows, cols) : { shape: [...this.get(n).shape], data }];
+    }));
   }
 
   dispose(): void {
@@ -60,7 +88,17 @@ export class Params {
       t.dispose();
     }
     this.tensors.clear();
+    this.transposed.clear();
   }
+}
+
+/** A row-major [rows, cols] matrix as [cols, rows]. */
+function transposeHost(data: Float32Array, rows: number, cols: number): HostTensor {
+  const out = new Float32Array(data.length);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) out[c * rows + r] = data[r * cols + c];
+  }
+  return { shape: [cols, rows], data: out };
 }
 
 export function expectShape(name: string, t: Tensor, shape: Shape): void {
