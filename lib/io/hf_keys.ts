@@ -155,7 +155,8 @@ export function hfShapesToOpenClip(shapes: Map<string, number[]>, source = "chec
   return out;
 }
 
-function transpose2d(t: NamedTensor): Float32Array {
+/** The data of a row-major [rows, cols] matrix as [cols, rows]. */
+export function transpose2d(t: NamedTensor): Float32Array {
   const [rows, cols] = t.shape;
   const out = new Float32Array(rows * cols);
   for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = t.data[r * cols + c];

@@ -4,6 +4,7 @@ import type { Gpu } from "../gpu/runtime.ts";
 import { noGrad, requireGrad } from "../tensor/autograd.ts";
 import { fromArray } from "../tensor/create.ts";
 import { transpose } from "../tensor/ops/layout.ts";
+import { transpose2d } from "../io/hf_keys.ts";
 import { persist, type Shape, shapeString, type Tensor } from "../tensor/tensor.ts";
 
 /** A host-side tensor: what checkpoints hold and initialisers produce. */
@@ -76,9 +77,8 @@ export class Params {
       names.map((n) => ({ buffer: this.get(n).buffer, bytes: this.get(n).byteLength })),
     );
     return new Map(names.map((n, i) => {
-      const data = new Float32Array(datas[i]);
-      const [rows, cols] = this.get(n).shape;
-      return [n, this.transposed.has(n) ? transposeHost(data, rows, cols) : { shape: [...this.get(n).shape], data }];
+      const held = { shape: [...this.get(n).shape], data: new Float32Array(datas[i]) };
+      return [n, this.transposed.has(n) ? { shape: held.shape.toReversed(), data: transpose2d(held) } : held];
     }));
   }
 
@@ -90,15 +90,6 @@ export class Params {
     this.tensors.clear();
     this.transposed.clear();
   }
-}
-
-/** A row-major [rows, cols] matrix as [cols, rows]. */
-function transposeHost(data: Float32Array, rows: number, cols: number): HostTensor {
-  const out = new Float32Array(data.length);
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < cols; c++) out[c * rows + r] = data[r * cols + c];
-  }
-  return { shape: [cols, rows], data: out };
 }
 
 export function expectShape(name: string, t: Tensor, shape: Shape): void {
