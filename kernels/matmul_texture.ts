@@ -47,6 +47,14 @@ export interface TextureMatmulSpec {
    */
   bias: boolean;
   residual: boolean;
+  /**
+   * The lanes of a workgroup (one subgroup) share one block of A's rows: each lane fetches a different share of the
+   * block's texels for the pass and subgroup broadcasts hand every value to all lanes. On llvmpipe a texel fetch is
+   * a gather of about 70 instructions whichever addresses the lanes ask for, while a broadcast from a fixed lane is
+   * two, so A's loads per pass drop from 2 * TM fetches to 2 * TM / lanes. Needs the subgroups feature with a
+   * subgroup as wide as the workgroup; workgroups then run over (batch, row block, group of `lanes` column blocks).
+   */
+  shareA: boolean;
 }
 
 /**
@@ -313,7 +321,14 @@ export function matmulDestination(
 function invocationCounts(spec: TextureMatmulSpec, g: TextureMatmulGeometry) {
   const rowBlocks = Math.ceil(g.m / spec.tile.tm);
   const colBlocks = Math.ceil(g.n / spec.tile.tn);
-  return { rowBlocks, colBlocks, total: g.batch * rowBlocks * colBlocks };
+  const colGroups = Math.ceil(colBlocks / spec.lanes);
+  return {
+    rowBlocks,
+    colBlocks,
+    total: g.batch * rowBlocks * colBlocks,
+    colGroups,
+    groups: g.batch * rowBlocks * colGroups,
+  };
 }
 
 export function textureMatmulUniforms(
@@ -321,7 +336,7 @@ export function textureMatmulUniforms(
   g: TextureMatmulGeometry,
   dest: MatmulDestination,
 ): Uint32Array {
-  const { rowBlocks, colBlocks, total } = invocationCounts(spec, g);
+  const { rowBlocks, colBlocks, total, colGroups, groups } = invocationCounts(spec, g);
   return Uint32Array.from([
     total,
     rowBlocks,
@@ -337,13 +352,14 @@ export function textureMatmulUniforms(
     dest.cols / 4,
     dest.rowStride / 4,
     dest.rows * dest.rowStride / 4,
-    0,
-    0,
+    colGroups,
+    groups,
   ]);
 }
 
 export function textureMatmulWorkgroups(spec: TextureMatmulSpec, g: TextureMatmulGeometry): number {
-  return Math.ceil(invocationCounts(spec, g).total / spec.lanes);
+  const counts = invocationCounts(spec, g);
+  return spec.shareA ? counts.groups : Math.ceil(counts.total / spec.lanes);
 }
 
 /**
@@ -360,7 +376,7 @@ export function textureMatmulKernel(spec: TextureMatmulSpec): Kernel {
   return {
     key: `matmul_tex/${tm}x${tn}/${spec.lanes}/${spec.transA}/${spec.transB}${spec.bias ? "/bias" : ""}${
       spec.residual ? "/residual" : ""
-    }`,
+    }${spec.shareA ? "/share_a" : ""}`,
     wgsl: () => textureMatmulWgsl(spec),
   };
 }
@@ -376,23 +392,33 @@ function textureMatmulWgsl(spec: TextureMatmulSpec): string {
 
   // Per pass: `aAt(r, i)` is A's scalar for row r and k i, `bAt(i, j)` B's vec4 for k i and columns 4j..4j+3.
   const loads: string[] = [];
-  let aAt: (r: number, i: number) => string;
-  if (!spec.transA) {
-    // Rows of the tile, 2 texels (8 k) each.
-    for (const r of range(tm)) {
+  // A's texels of a pass form a block of `aRows` texture rows by `aWidth` texels from a0: the tile's rows by 2
+  // texels (8 k) for A, or 8 k rows by tm / 4 texels (the tile's rows) for A^T. Texel `a${y}_${x}` is at (x, y).
+  const [aRows, aWidth] = spec.transA ? [K_STEP, tm / 4] : [tm, K_STEP / 4];
+  const aAt = spec.transA
+    ? (r: number, i: number) => `a${i}_${r >> 2}.${c4[r & 3]}`
+    : (r: number, i: number) => `a${r}_${i >> 2}.${c4[i & 3]}`;
+  if (!spec.shareA) {
+    for (const y of range(aRows)) {
+      loads.push(range(aWidth).map((x) => `let a${y}_${x} = ${load("ta", `a0.x + ${x}u`, `a0.y + ${y}u`)};`).join(" "));
+    }
+  } else {
+    // Texel number t (row-major in the block) is fetched by lane t % lanes as its share number t / lanes.
+    const texels = aRows * aWidth;
+    if (texels % spec.lanes !== 0) throw new Error(`shareA: ${texels} texels per pass do not split over the lanes`);
+    const shift = Math.log2(aWidth);
+    for (const q of range(texels / spec.lanes)) {
+      const t = `(lid.x + ${q * spec.lanes}u)`;
+      loads.push(`let share${q} = ${load("ta", `a0.x + (${t} & ${aWidth - 1}u)`, `a0.y + (${t} >> ${shift}u)`)};`);
+    }
+    for (const y of range(aRows)) {
       loads.push(
-        `let a${r}_0 = ${load("ta", "a0.x", `a0.y + ${r}u`)}; let a${r}_1 = ${
-          load("ta", "a0.x + 1u", `a0.y + ${r}u`)
-        };`,
+        range(aWidth).map((x) => {
+          const t = y * aWidth + x;
+          return `let a${y}_${x} = subgroupBroadcast(share${Math.floor(t / spec.lanes)}, ${t % spec.lanes}u);`;
+        }).join(" "),
       );
     }
-    aAt = (r, i) => `a${r}_${i >> 2}.${c4[i & 3]}`;
-  } else {
-    // 8 k rows of A^T, tm / 4 texels (the tile's rows) each.
-    for (const i of range(K_STEP)) {
-      loads.push(range(tm / 4).map((g) => `let a${i}_${g} = ${load("ta", `a0.x + ${g}u`, `a0.y + ${i}u`)};`).join(" "));
-    }
-    aAt = (r, i) => `a${i}_${r >> 2}.${c4[r & 3]}`;
   }
   let bAt: (i: number, j: number) => string;
   if (!spec.transB) {
@@ -469,7 +495,7 @@ struct Dims {
   total: u32, row_blocks: u32, col_blocks: u32, k_padded: u32,
   a_rows_per_batch: u32, a_texels: u32, a_step: u32, b_rows_per_batch: u32,
   b_texels: u32, b_step: u32, out_rows: u32, out_cols4: u32,
-  out_stride4: u32, out_batch_stride4: u32, p0: u32, p1: u32,
+  out_stride4: u32, out_batch_stride4: u32, col_groups: u32, groups: u32,
 }
 @group(0) @binding(0) var ta: ${textureType};
 @group(0) @binding(1) var tb: ${textureType};
@@ -480,13 +506,7 @@ ${fused}
 @compute @workgroup_size(${spec.lanes}, 1, 1)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
-  let flat = linear_workgroup(wid, nwg) * ${spec.lanes}u + lid.x;
-  // Invocations past the end redo the last block (their loads stay in bounds) and store nothing.
-  let inv = min(flat, d.total - 1u);
-  let cb = inv % d.col_blocks;
-  let rest = inv / d.col_blocks;
-  let rb = rest % d.row_blocks;
-  let batch = rest / d.row_blocks;
+  ${spec.shareA ? enumerateSharingA(spec.lanes) : enumerateFlat(spec.lanes)}
   let a_row0 = batch * d.a_rows_per_batch;
   let b_row0 = batch * d.b_rows_per_batch;
   let a_tile = segment_coord(a_row0 + rb * ${tm}u, 0u, d.a_texels, d.a_step);
@@ -498,13 +518,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     ${loads.join("\n    ")}
     ${fmas.join("\n    ")}
   }
-  if (flat >= d.total) { return; }
+  if (skip) { return; }
   let row0 = rb * ${tm}u;
   let col4 = cb * ${tn4}u;
   let o = batch * d.out_batch_stride4 + row0 * d.out_stride4 + col4;
   ${biasLoads}
   ${stores.join("\n  ")}
 }`;
+}
+
+// Invocations past the end redo the last block (their loads stay in bounds) and store nothing.
+function enumerateFlat(lanes: number): string {
+  return `let flat = linear_workgroup(wid, nwg) * ${lanes}u + lid.x;
+  let inv = min(flat, d.total - 1u);
+  let skip = flat >= d.total;
+  let cb = inv % d.col_blocks;
+  let rest = inv / d.col_blocks;
+  let rb = rest % d.row_blocks;
+  let batch = rest / d.row_blocks;`;
+}
+
+// A workgroup takes `lanes` column blocks of one row block, so the row block (and A's texels) is the same in every
+// lane. Lanes past the last column block, and workgroups past the end, redo the last block and store nothing.
+function enumerateSharingA(lanes: number): string {
+  return `let group_flat = linear_workgroup(wid, nwg);
+  let group = min(group_flat, d.groups - 1u);
+  let cg = group % d.col_groups;
+  let rest = group / d.col_groups;
+  let rb = rest % d.row_blocks;
+  let batch = rest / d.row_blocks;
+  let cb_flat = cg * ${lanes}u + lid.x;
+  let cb = min(cb_flat, d.col_blocks - 1u);
+  let skip = group_flat >= d.groups || cb_flat >= d.col_blocks;`;
 }
 
 /**

@@ -1,20 +1,44 @@
 // The texture-operand matmul path (the fast path on CPU back ends), forced on, against float64 references. Every
-// case runs the same 32x32 kernel, so the suite pays its compile once (seconds, then Mesa's disk cache).
+// case runs each texture kernel the device has, so the suite pays each kernel's compile once per orientation
+// (seconds, then Mesa's disk cache).
 import assert from "node:assert/strict";
 import { assertClose, f32, gpu, gradOf, param, randomArray, refMatmul } from "./helpers.ts";
 import { backward } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
 import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
-import { matmul, matmulForward, planMatmul, setMatmulPath } from "../lib/tensor/ops/matmul.ts";
+import {
+  canShareA,
+  FLAT_KERNEL,
+  matmul,
+  matmulForward,
+  planMatmul,
+  setMatmulPath,
+  setTextureKernel,
+  SHARED_KERNEL,
+} from "../lib/tensor/ops/matmul.ts";
 import { operandCopies, operandLayout, TEXTURE_SEGMENT_ROWS } from "../kernels/matmul_texture.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 
-async function withTexturePath(fn: () => Promise<void>): Promise<void> {
-  const previous = setMatmulPath("texture");
+/**
+ * Runs `fn` with the texture path forced, once per texture kernel this device can run: the flat 32x32 kernel, and
+ * the kernel whose lanes share A's rows where the device has subgroups as wide as its workgroups (lavapipe on
+ * Vulkan; not Mesa's GL driver).
+ */
+async function withEachTextureKernel(fn: (kernel: string) => Promise<void>): Promise<void> {
+  const g = await gpu();
+  const kernels = [FLAT_KERNEL, ...(canShareA(g.adapter) ? [SHARED_KERNEL] : [])];
+  const previousPath = setMatmulPath("texture");
   try {
-    await withScope(fn);
+    for (const kernel of kernels) {
+      const previous = setTextureKernel(kernel);
+      try {
+        await withScope(() => fn(`${kernel.tile.tm}x${kernel.tile.tn}${kernel.shareA ? " sharing A" : ""}`));
+      } finally {
+        setTextureKernel(previous);
+      }
+    }
   } finally {
-    setMatmulPath(previous);
+    setMatmulPath(previousPath);
   }
 }
 
@@ -35,7 +59,7 @@ const M = 70, N = 45, K = 37;
 
 Deno.test("texture matmul: all transposes on a 70x45x37 product", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     for (const transA of [false, true]) {
       for (const transB of [false, true]) {
         const a = param(g, transA ? [K, M] : [M, K], 11, -1, 1, false);
@@ -43,7 +67,7 @@ Deno.test("texture matmul: all transposes on a 70x45x37 product", async () => {
         assert.equal(planMatmul(a.t, b.t, { transA, transB }).path, "texture");
         const { out } = matmulForward(a.t, b.t, { transA, transB });
         assertClose(await out.read(), refMatmul(a.v, b.v, M, N, K, transA, transB), {
-          what: `${transA ? "A^T" : "A"} x ${transB ? "B^T" : "B"}`,
+          what: `${transA ? "A^T" : "A"} x ${transB ? "B^T" : "B"} (${kernel})`,
         });
       }
     }
@@ -52,7 +76,7 @@ Deno.test("texture matmul: all transposes on a 70x45x37 product", async () => {
 
 Deno.test("texture matmul: batch 3 with a shared transposed weight, bias + gelu + residual, pre-activation", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     const B = 3;
     const a = param(g, [B, M, K], 21, -1, 1, false);
     const w = param(g, [N, K], 22, -1, 1, false);
@@ -70,14 +94,14 @@ Deno.test("texture matmul: batch 3 with a shared transposed weight, bias + gelu 
       z.set(refMatmul(a.v.subarray(bi * M * K, (bi + 1) * M * K), w.v, M, N, K, false, true), bi * M * N);
     }
     for (let i = 0; i < z.length; i++) z[i] += bias.v[i % N];
-    assertClose(await pre.read(), z, { what: "pre-activation" });
-    assertClose(await out.read(), z.map((v, i) => gelu(v) + res.v[i]), { what: "output" });
+    assertClose(await pre.read(), z, { what: `pre-activation (${kernel})` });
+    assertClose(await out.read(), z.map((v, i) => gelu(v) + res.v[i]), { what: `output (${kernel})` });
   });
 });
 
 Deno.test("texture matmul: batched A and B with a vec4 epilogue, and a shared A (N a multiple of 4)", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     const B = 3, m = 50, n = 52, k = 64;
     const a = param(g, [B, m, k], 31, -1, 1, false);
     const b = param(g, [B, n, k], 32, -1, 1, false);
@@ -104,16 +128,18 @@ Deno.test("texture matmul: batched A and B with a vec4 epilogue, and a shared A 
     }
     for (let i = 0; i < z.length; i++) z[i] += bias.v[i % n];
     const quickGelu = (x: number) => x / (1 + Math.exp(-1.702 * x));
-    assertClose(await pre.read(), z, { what: "pre-activation" });
-    assertClose(await out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), { what: "batched, epilogue" });
-    assertClose(await inPlace.out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), { what: "epilogue in place" });
-    assertClose(await out2.read(), expected2, { what: "shared A" });
+    assertClose(await pre.read(), z, { what: `pre-activation (${kernel})` });
+    assertClose(await out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), { what: `batched, epilogue (${kernel})` });
+    assertClose(await inPlace.out.read(), z.map((v, i) => quickGelu(v) + res.v[i]), {
+      what: `epilogue in place (${kernel})`,
+    });
+    assertClose(await out2.read(), expected2, { what: `shared A (${kernel})` });
   });
 });
 
 Deno.test("texture matmul: bias and residual added as the blocks are stored (no activation, N a multiple of 4)", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     // 70 rows and 52 columns leave partial 32x32 blocks, so the bias loads past N and the guarded stores both run.
     const B = 2, m = 70, n = 52, k = 40;
     const a = param(g, [B, m, k], 51, -1, 1, false);
@@ -122,6 +148,7 @@ Deno.test("texture matmul: bias and residual added as the blocks are stored (no 
     const res = param(g, [B, m, n], 54, -1, 1, false);
     const plan = planMatmul(a.t, w.t, { transB: true, bias: bias.t, residual: res.t });
     assert.ok(plan.texture?.spec.bias && plan.texture.spec.residual, "bias and residual are fused into the stores");
+    assert.equal(plan.texture.spec.shareA, kernel.includes("sharing"));
     const both = matmulForward(a.t, w.t, { transB: true, bias: bias.t, residual: res.t }).out;
     const biasOnly = matmulForward(a.t, w.t, { transB: true, bias: bias.t }).out;
     const product = new Float64Array(B * m * n);
@@ -129,14 +156,16 @@ Deno.test("texture matmul: bias and residual added as the blocks are stored (no 
       product.set(refMatmul(a.v.subarray(bi * m * k, (bi + 1) * m * k), w.v, m, n, k, false, true), bi * m * n);
     }
     const withBias = product.map((v, i) => v + bias.v[i % n]);
-    assertClose(await biasOnly.read(), withBias, { what: "product + bias" });
-    assertClose(await both.read(), withBias.map((v, i) => v + res.v[i]), { what: "product + bias + residual" });
+    assertClose(await biasOnly.read(), withBias, { what: `product + bias (${kernel})` });
+    assertClose(await both.read(), withBias.map((v, i) => v + res.v[i]), {
+      what: `product + bias + residual (${kernel})`,
+    });
   });
 });
 
 Deno.test("texture matmul: gradients through the fast path match float64", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     const a = param(g, [M, K], 41);
     const b = param(g, [N, K], 42);
     const bias = param(g, [N], 43);
@@ -145,12 +174,16 @@ Deno.test("texture matmul: gradients through the fast path match float64", async
     backward(sum(mul(out, fromArray(g, Float32Array.from(w), [M, N]))));
     const z = refMatmul(a.v, b.v, M, N, K, false, true);
     for (let i = 0; i < z.length; i++) z[i] += bias.v[i % N];
-    assertClose(await out.read(), z.map(gelu), { what: "forward" });
+    assertClose(await out.read(), z.map(gelu), { what: `forward (${kernel})` });
     const h = 1e-4;
     const dz = z.map((v, i) => w[i] * (gelu(v + h) - gelu(v - h)) / (2 * h));
-    assertClose(await gradOf(a.t), refMatmul(dz, b.v, M, K, N), { what: "grad A", rtol: 1e-3, atol: 1e-4 });
-    assertClose(await gradOf(b.t), refMatmul(dz, a.v, N, K, M, true), { what: "grad B", rtol: 1e-3, atol: 1e-4 });
-    assertClose(await gradOf(bias.t), columnSums(dz, M, N), { what: "grad bias", rtol: 1e-3, atol: 1e-4 });
+    assertClose(await gradOf(a.t), refMatmul(dz, b.v, M, K, N), { what: `grad A (${kernel})`, rtol: 1e-3, atol: 1e-4 });
+    assertClose(await gradOf(b.t), refMatmul(dz, a.v, N, K, M, true), {
+      what: `grad B (${kernel})`,
+      rtol: 1e-3,
+      atol: 1e-4,
+    });
+    assertClose(await gradOf(bias.t), columnSums(dz, M, N), { what: `grad bias (${kernel})`, rtol: 1e-3, atol: 1e-4 });
   });
 });
 
@@ -162,7 +195,7 @@ function columnSums(x: ArrayLike<number>, rows: number, cols: number): Float64Ar
 
 Deno.test("texture matmul: the bias gradient comes from the weight-gradient product's dZ texture", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     // [K,N] weight: dZ is B of dW = A^T dZ. 20000 rows wrap its texture into two segments; 10 columns pad a texel.
     const rows = 20000, inner = 3, cols = 10;
     const x = param(g, [rows, inner], 61);
@@ -170,8 +203,8 @@ Deno.test("texture matmul: the bias gradient comes from the weight-gradient prod
     const bias = param(g, [cols], 63);
     const weights = f32(randomArray(rows * cols, 64));
     backward(sum(mul(matmul(x.t, w.t, { bias: bias.t }), fromArray(g, Float32Array.from(weights), [rows, cols]))));
-    assertClose(await gradOf(bias.t), columnSums(weights, rows, cols), { what: "grad bias, [K,N] weight" });
-    assertClose(await gradOf(w.t), refMatmul(x.v, weights, inner, cols, rows, true), { what: "grad W" });
+    assertClose(await gradOf(bias.t), columnSums(weights, rows, cols), { what: `grad bias, [K,N] weight (${kernel})` });
+    assertClose(await gradOf(w.t), refMatmul(x.v, weights, inner, cols, rows, true), { what: `grad W (${kernel})` });
   });
 });
 
@@ -183,6 +216,7 @@ function sampledCheck(
   dims: { batch: number; m: number; n: number; k: number; transB?: boolean },
   count: number,
   seed: number,
+  kernel: string,
 ): void {
   const { batch, m, n, k } = dims;
   const picks = randomArray(count, seed, 0, batch * m * n);
@@ -200,23 +234,23 @@ function sampledCheck(
     got.push(actual[idx]);
     want.push(s);
   }
-  assertClose(got, want, { what: `sampled ${batch}x${m}x${n}x${k}` });
+  assertClose(got, want, { what: `sampled ${batch}x${m}x${n}x${k} (${kernel})` });
 }
 
 Deno.test("texture matmul: 300x260x129 sampled at 200 positions", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     const m = 300, n = 260, k = 129;
     const a = param(g, [m, k], 51, -1, 1, false);
     const b = param(g, [k, n], 52, -1, 1, false);
     const out = matmulForward(a.t, b.t).out;
-    sampledCheck(await out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 53);
+    sampledCheck(await out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 53, kernel);
   });
 });
 
 Deno.test("texture matmul: operands taller than one texture wrap into segments (copy and pack routes)", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     // A: 20000 rows of 64 floats go by buffer-to-texture copies into two segments; B (36 columns) by the pack kernel.
     const m = 20000, n = 36, k = 64;
     const a = param(g, [m, k], 61, -1, 1, false);
@@ -224,20 +258,28 @@ Deno.test("texture matmul: operands taller than one texture wrap into segments (
     const plan = planMatmul(a.t, b.t);
     assert.ok(plan.texture?.geometry.a.copied && !plan.texture.geometry.b.copied);
     assert.equal(operandCopies(plan.texture.geometry.a).length, 2);
-    sampledCheck(await matmulForward(a.t, b.t).out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 63);
+    sampledCheck(await matmulForward(a.t, b.t).out.read(), a.v, b.v, { batch: 1, m, n, k }, 200, 63, kernel);
     // 600 products of 40x16 @ 16x40 pack 600 x 64 padded rows of A and 600 x 16 k rows of B: both wrap.
     const batch = 600, bm = 40, bn = 40, bk = 16;
     const ba = param(g, [batch, bm, bk], 64, -1, 1, false);
     const bb = param(g, [batch, bk, bn], 65, -1, 1, false);
     const bplan = planMatmul(ba.t, bb.t);
     assert.ok(bplan.texture && bplan.texture.geometry.a.width > bplan.texture.geometry.a.texelsPerRow);
-    sampledCheck(await matmulForward(ba.t, bb.t).out.read(), ba.v, bb.v, { batch, m: bm, n: bn, k: bk }, 200, 66);
+    sampledCheck(
+      await matmulForward(ba.t, bb.t).out.read(),
+      ba.v,
+      bb.v,
+      { batch, m: bm, n: bn, k: bk },
+      200,
+      66,
+      kernel,
+    );
   });
 });
 
 Deno.test("texture matmul: batched attention-like product copied unpadded, tiles straddling batch entries", async () => {
   const g = await gpu();
-  await withTexturePath(async () => {
+  await withEachTextureKernel(async (kernel) => {
     // 400 x (50x64 @ (40x64)^T): A's 20000 stored rows and B^T's 16000 are copied as they are; A's segments overlap
     // by a tile because its batch entries (50 rows) do not start on tile boundaries.
     const batch = 400, m = 50, n = 40, k = 64;
@@ -247,7 +289,7 @@ Deno.test("texture matmul: batched attention-like product copied unpadded, tiles
     assert.ok(plan.texture?.geometry.a.copied && plan.texture.geometry.b.copied);
     assert.ok(plan.texture.geometry.a.segmentStep < TEXTURE_SEGMENT_ROWS);
     const out = await matmulForward(a.t, b.t, { transB: true }).out.read();
-    sampledCheck(out, a.v, b.v, { batch, m, n, k, transB: true }, 300, 83);
+    sampledCheck(out, a.v, b.v, { batch, m, n, k, transB: true }, 300, 83, kernel);
   });
 });
 

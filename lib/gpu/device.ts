@@ -11,6 +11,8 @@ export interface AdapterSummary {
   isSoftware: boolean;
   /** SIMD lanes of f32 the CPU fallback packs along workgroup x (llvmpipe: 8 at 256 bits, 16 at 512); 0 on real GPUs. */
   cpuLanes: number;
+  /** Invocations per subgroup when the device has subgroup operations and a fixed subgroup size; 0 otherwise. */
+  subgroupSize: number;
   features: string[];
   limits: Record<string, number>;
 }
@@ -81,6 +83,28 @@ export interface DeviceHandle {
   summary: AdapterSummary;
 }
 
+/**
+ * Subgroup operations when the device has them. Deno's adapter does not list "subgroups" for lavapipe, whose Vulkan
+ * driver has every subgroup operation, so ask for it and fall back without it when the request is refused.
+ */
+async function requestWithSubgroups(
+  adapter: GPUAdapter,
+  requiredFeatures: GPUFeatureName[],
+  requiredLimits: Record<string, number>,
+): Promise<GPUDevice> {
+  if (!requiredFeatures.includes("subgroups" as GPUFeatureName)) {
+    try {
+      return await adapter.requestDevice({
+        requiredFeatures: [...requiredFeatures, "subgroups" as GPUFeatureName],
+        requiredLimits,
+      });
+    } catch {
+      // No subgroups on this adapter.
+    }
+  }
+  return await adapter.requestDevice({ requiredFeatures, requiredLimits });
+}
+
 /** Requests the adapter and a device with the adapter's own limits and the features we can use. */
 export async function createDevice(): Promise<DeviceHandle> {
   chooseSoftwareVectorWidth();
@@ -90,7 +114,7 @@ export async function createDevice(): Promise<DeviceHandle> {
   if (!adapter) throw new ClipError(NO_ADAPTER_HELP);
   const requiredFeatures = WANTED_FEATURES.filter((f) => adapter.features.has(f));
   const requiredLimits = limitsRecord(adapter.limits);
-  const device = await adapter.requestDevice({ requiredFeatures, requiredLimits });
+  const device = await requestWithSubgroups(adapter, requiredFeatures, requiredLimits);
   const info = adapter.info;
   const description = info.description || info.device || "unknown adapter";
   const isSoftware = info.isFallbackAdapter || /llvmpipe|lavapipe|swiftshader|software/i.test(description);
@@ -102,6 +126,9 @@ export async function createDevice(): Promise<DeviceHandle> {
     backend: Deno.env.get("DENO_WEBGPU_BACKEND") ?? "default",
     isSoftware,
     cpuLanes: isSoftware ? (bits ? Number(bits[1]) / 32 : 8) : 0,
+    subgroupSize: device.features.has("subgroups") && info.subgroupMinSize === info.subgroupMaxSize
+      ? info.subgroupMinSize
+      : 0,
     features: [...device.features].sort(),
     limits: limitsRecord(device.limits),
   };

@@ -113,19 +113,65 @@ export function setMatmulPath(path: MatmulPath): MatmulPath {
  */
 export const TEXTURE_MATMUL_MIN_MACS = 1 << 18;
 
-/**
- * 32x32 outputs per invocation: with 64x16 the fastest tile measured on llvmpipe (within 2-3% of each other in
- * interleaved runs, `bench/matmul_variants.ts`; 32x16 was 6-11% slower). Narrow products need no narrower tile:
- * invocations run over (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
- * One tile also means one multi-second compile.
- */
-let textureTile: MatmulTile = { tm: 32, tn: 32 };
+/** A texture-kernel choice: its tile, and whether the lanes of a workgroup share A's rows (`TextureMatmulSpec`). */
+export interface TextureKernelChoice {
+  tile: MatmulTile;
+  shareA: boolean;
+}
 
-/** Sets the texture kernel's tile for every later call (benchmarks compare tiles); returns the previous one. */
-export function setTextureTile(tile: MatmulTile): MatmulTile {
-  const previous = textureTile;
-  textureTile = tile;
+/**
+ * Without subgroups: 32x32 outputs per invocation, with 64x16 the fastest tile measured on llvmpipe (within 2-3% of
+ * each other in interleaved runs, `bench/matmul_variants.ts`; 32x16 was 6-11% slower). Invocations run over
+ * (batch, row block, column block), so lanes never idle, and only N's padding to 32 is lost.
+ */
+export const FLAT_KERNEL: TextureKernelChoice = { tile: { tm: 32, tn: 32 }, shareA: false };
+
+/**
+ * With subgroups: lanes share A's rows, which leaves B's fetches as the cost that grows with the tile's width, so
+ * the tile is tall and narrow. A workgroup of 16 lanes covers 128 rows by 128 columns.
+ */
+export const SHARED_KERNEL: TextureKernelChoice = { tile: { tm: 128, tn: 8 }, shareA: true };
+
+/**
+ * How much faster the shared kernel runs per multiply-add, padding included: it is taken when the padded work of
+ * the flat kernel exceeds its own by less than this factor (a product of 32 rows, for one, goes to the flat kernel).
+ */
+const SHARED_SPEEDUP = 1.25;
+
+let kernelOverride: TextureKernelChoice | null = null;
+
+/**
+ * Forces the texture kernel's tile and sharing for every later call (tests and benchmarks compare them), or gives
+ * the choice back to the planner with null; returns the previous override.
+ */
+export function setTextureKernel(choice: TextureKernelChoice | null): TextureKernelChoice | null {
+  const previous = kernelOverride;
+  kernelOverride = choice;
   return previous;
+}
+
+/** Whether the adapter's subgroups are as wide as the texture kernel's workgroups, which sharing A needs. */
+export function canShareA(adapter: AdapterSummary): boolean {
+  return adapter.subgroupSize > 0 && adapter.subgroupSize === textureLanes(adapter);
+}
+
+function textureLanes(adapter: AdapterSummary): number {
+  return adapter.cpuLanes || 8;
+}
+
+function chooseTextureKernel(adapter: AdapterSummary, m: number, n: number): TextureKernelChoice {
+  if (kernelOverride) {
+    if (kernelOverride.shareA && !canShareA(adapter)) {
+      throw new Error(`matmul: sharing A needs subgroups of ${textureLanes(adapter)} lanes, which this device lacks`);
+    }
+    return kernelOverride;
+  }
+  if (!canShareA(adapter)) return FLAT_KERNEL;
+  const pad = (x: number, to: number) => Math.ceil(x / to) * to;
+  const flat = pad(m, FLAT_KERNEL.tile.tm) * pad(n, FLAT_KERNEL.tile.tn);
+  const { tm, tn } = SHARED_KERNEL.tile;
+  const shared = pad(m, tm) * pad(n, tn * textureLanes(adapter));
+  return shared <= flat * SHARED_SPEEDUP ? SHARED_KERNEL : FLAT_KERNEL;
 }
 
 /** How `matmulForward` will run a product: the kernel path and, for the texture path, its tile and layouts. */
@@ -147,7 +193,8 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     ? g.batch * g.m * g.n * g.k >= TEXTURE_MATMUL_MIN_MACS
     : pathOverride === "texture";
   if (!wanted) return { path: storagePath, geometry: g };
-  const { tm, tn } = textureTile;
+  const kernel = chooseTextureKernel(adapter, g.m, g.n);
+  const { tm, tn } = kernel.tile;
   const aBatches = g.aBatchStride ? g.batch : 1;
   const bBatches = g.bBatchStride ? g.batch : 1;
   // Textures hold the stored rows: A [M,K] has tile rows, A^T [K,M] k rows; B [K,N] k rows, B^T [N,K] tile rows.
@@ -168,7 +215,7 @@ export function planMatmul(a: Tensor, b: Tensor, opts: MatmulOptions = {}): Matm
     path: "texture",
     geometry: g,
     texture: {
-      spec: textureSpecFor(adapter, transA, transB, fusedStores(g.n, opts)),
+      spec: { ...kernel, lanes: textureLanes(adapter), transA, transB, ...fusedStores(g.n, opts) },
       geometry: { batch: g.batch, m: g.m, n: g.n, k: g.k, a: aLayout, b: bLayout },
     },
   };
@@ -186,16 +233,6 @@ function operandType(t: Tensor): OperandType {
 function fusedStores(n: number, opts: MatmulOptions): { bias: boolean; residual: boolean } {
   const direct = n % 4 === 0;
   return { bias: direct && !!opts.bias, residual: direct && !opts.activation && !!opts.residual };
-}
-
-/** The texture-kernel specialisation an adapter runs for an operand orientation (benchmarks time its compile). */
-export function textureSpecFor(
-  adapter: AdapterSummary,
-  transA = false,
-  transB = false,
-  fused = { bias: false, residual: false },
-): TextureMatmulSpec {
-  return { tile: textureTile, lanes: adapter.cpuLanes || 8, transA, transB, ...fused };
 }
 
 /** Records one matmul without autograd; returns the output and, if asked, the pre-activation values. */
