@@ -46,7 +46,7 @@ function batchNote(first: number, times: number[]): string {
 export async function measureEmbedding(batches: number, exportDir?: string): Promise<ChildReport> {
   const gpu = await getGpu();
   const config = await loadModelConfig(EMBED.model);
-  // Embedding is forward only: the Linear weights are held transposed, as `clip embed` holds them.
+  // Embedding is forward only: the model is readied as `clip embed` readies it (`ClipModel.forInference`).
   const model = ClipModel.init(gpu, config, EMBED.seed).forInference();
   const side = config.vision_cfg.image_size;
   const ctx = config.text_cfg.context_length;

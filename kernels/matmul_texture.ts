@@ -3,8 +3,12 @@
 // into an rgba32float texture (a texel = 4 consecutive floats of a stored row), and each invocation then computes a
 // TM x TN block of C held in named vec4 accumulators, with k innermost: per loop pass it loads the texels of 8 k and
 // gives every accumulator one chain of 8 fmas, so an accumulator that spilled is loaded and stored once per 8 fmas.
-// Shapes travel as uniforms and the epilogue is a separate light pass, so there is one specialisation per tile, lane
-// count and operand orientation: a 32x32 kernel takes seconds to compile.
+// Where the device has subgroups as wide as the workgroup, the lanes (which compute neighbouring column blocks of the
+// same rows) fetch A's texels of a pass once between them and broadcast the values (`shareA`): a texel fetch costs
+// the same whether the lanes ask for one address or sixteen, so A's fetches drop sixteenfold and a tall, narrow tile
+// (128x8) then fetches least per multiply-add. Shapes travel as uniforms and the epilogue is a separate light pass,
+// so there is one specialisation per tile, lane count, sharing and operand orientation: each takes seconds to
+// compile.
 //
 // Operands keep their stored orientation: a transposed operand is read transposed by the kernel (llvmpipe keeps
 // vec4 components in separate SIMD registers, so regrouping components costs nothing), so most operands reach their

@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { assertClose, f32File, gpu, i32File } from "./helpers.ts";
 import { loadStateDict, resolveCheckpoint } from "../lib/io/checkpoint_layout.ts";
 import { ClipModel } from "../lib/nn/clip.ts";
+import { readsKNFaster } from "../lib/tensor/ops/matmul.ts";
 import { noGrad } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
 import { l2Normalize } from "../lib/tensor/ops.ts";
@@ -12,7 +13,8 @@ const ROOT = new URL("./fixtures/models/", import.meta.url).pathname;
 
 const maxAbs = (x: Float32Array) => x.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
 
-// Each model also runs with its Linear weights held transposed for inference (`ClipModel.forInference`).
+// Each model also runs with its Linear weights held transposed, as `ClipModel.forInference` holds them where products
+// read [K, N] weights faster.
 for (
   const [name, inference] of ["vit_tiny", "vit_tiny_hf", "rn_tiny"].flatMap((n) => [[n, false], [n, true]] as const)
 ) {
@@ -22,7 +24,7 @@ for (
     const dir = `${ROOT}${name}`;
     const resolved = await resolveCheckpoint(dir);
     const model = ClipModel.fromStateDict(g, resolved.config, await loadStateDict(resolved));
-    if (inference) model.forInference();
+    if (inference) model.transposeLinearWeights();
     const ref = `${dir}/reference`;
     const images = await f32File(`${ref}/input_images.f32`);
     const tokens = await i32File(`${ref}/input_tokens.i32`);
@@ -90,9 +92,12 @@ Deno.test("inference layout: the Linear weights are held transposed, and downloa
   const g = await gpu();
   const resolved = await resolveCheckpoint(`${ROOT}vit_tiny`);
   const state = await loadStateDict(resolved);
-  const model = ClipModel.fromStateDict(g, resolved.config, state).forInference();
+  const name = "visual.transformer.resblocks.0.mlp.c_fc.weight";
+  const asStored = ClipModel.fromStateDict(g, resolved.config, state).forInference();
+  assert.equal(asStored.params.isTransposed(name), readsKNFaster(g.adapter), "forInference follows the adapter");
+  asStored.params.dispose();
+  const model = ClipModel.fromStateDict(g, resolved.config, state).transposeLinearWeights();
   try {
-    const name = "visual.transformer.resblocks.0.mlp.c_fc.weight";
     assert.ok(model.params.isTransposed(name));
     assert.deepEqual(model.params.get(name).shape, [...state.get(name)!.shape].reverse());
     assert.ok(!model.params.isTransposed("visual.proj"), "only Linear weights change layout");

@@ -1,6 +1,7 @@
 import type { Gpu } from "../gpu/runtime.ts";
 import { exp, l2Normalize, matmul, mul } from "../tensor/ops.ts";
 import { fromArray } from "../tensor/create.ts";
+import { readsKNFaster } from "../tensor/ops/matmul.ts";
 import type { Tensor } from "../tensor/tensor.ts";
 import type { UnaryOp } from "../../kernels/elementwise.ts";
 import { type ClipConfig, expectedShapes, isResNetVision } from "./config.ts";
@@ -33,11 +34,19 @@ export class ClipModel {
   }
 
   /**
-   * Holds the Linear weights transposed, which speeds up every forward pass on CPU back ends (see
-   * `Params.transposeForInference`). For models that only embed, classify or evaluate: the transposed weights take no
-   * gradients. Checkpoints written afterwards still hold open_clip's layout.
+   * Readies a model that only embeds, classifies or evaluates for the adapter's fastest products: holds the Linear
+   * weights transposed where products read [K, N] weights faster (`readsKNFaster`), and leaves them as stored
+   * elsewhere.
    */
   forInference(): this {
+    return readsKNFaster(this.params.gpu.adapter) ? this.transposeLinearWeights() : this;
+  }
+
+  /**
+   * Holds the Linear weights as [in, out] (`Params.transposeForInference`): the transposed weights take no gradients,
+   * and checkpoints written afterwards still hold open_clip's layout.
+   */
+  transposeLinearWeights(): this {
     this.params.transposeForInference([...this.params.tensors.keys()].filter(isLinearWeight));
     return this;
   }

@@ -30,9 +30,9 @@ export class Params {
   }
 
   /**
-   * Holds these [out, in] weights as [in, out], for a model that only runs forward: on CPU back ends a product reads
-   * a [K, N] right operand about 10% faster than a transposed one (ViT-B/32's shapes, lavapipe), and inference pays
-   * the transposes once. The transposed weights take no gradients; `download` still gives open_clip's layout.
+   * Holds these [out, in] weights as [in, out], for a model that only runs forward on an adapter whose products read
+   * a [K, N] right operand faster than a transposed one (`readsKNFaster`); inference pays the transposes once. The
+   * transposed weights take no gradients; `download` still gives open_clip's layout.
    */
   transposeForInference(names: Iterable<string>): void {
     for (const name of names) {

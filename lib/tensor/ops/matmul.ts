@@ -155,6 +155,16 @@ export function canShareA(adapter: AdapterSummary): boolean {
   return adapter.subgroupSize > 0 && adapter.subgroupSize === textureLanes(adapter);
 }
 
+/**
+ * Whether this adapter's large products read a right operand stored [K, N] faster than one stored [N, K], as Linear
+ * weights are. Measured on lavapipe at ViT-B/32's shapes, interleaved (`bench/matmul_variants.ts`): the flat kernel
+ * reads [K, N] about 10% faster (1600x768x2304: 82 against 74 GFLOP/s), the kernel sharing A reads [N, K] 10-20%
+ * faster (1600x768x2304: 100 against 89; 1600x3072x768: 105 against 87). GPUs: not measured, so no preference.
+ */
+export function readsKNFaster(adapter: AdapterSummary): boolean {
+  return adapter.isSoftware && !canShareA(adapter);
+}
+
 function textureLanes(adapter: AdapterSummary): number {
   return adapter.cpuLanes || 8;
 }
