@@ -8,8 +8,9 @@
 //
 // Each workgroup serves one (batch, head) pair and a chunk of WG rows (queries, or keys for the k/v gradient), one
 // row per invocation, and loops over the other side's rows. The loop's loads then have the same address in every
-// invocation of a workgroup: CPU back ends turn those into one load and a broadcast instead of a per-lane gather,
-// and GPUs serve them from one cache line. Rows past T redo row T-1 and store nothing, so every invocation runs the
+// invocation of a workgroup: GPUs serve them from one cache line, and on CPU back ends with subgroups the lanes fetch
+// each loop row once between them and broadcast its words (`shareRows`), since a texel fetch there costs as much for
+// one address as for sixteen. Rows past T redo row T-1 and store nothing, so every invocation runs the
 // whole loop (a masked lane would make the shared loads per-lane again), and masking is done with select.
 import { type Kernel, LINEAR_WORKGROUP_WGSL } from "../lib/gpu/runtime.ts";
 import { TEXTURE_SEGMENT_ROWS } from "./matmul_texture.ts";
@@ -33,6 +34,13 @@ export interface AttentionSpec {
    * vectorised and buffer loads are not.
    */
   texture: boolean;
+  /**
+   * With texture reads, the lanes (one subgroup) fetch the loop's rows once between them, each lane a share of the
+   * row's texels, and subgroup broadcasts hand every value to every lane: on CPU back ends a texel fetch costs as
+   * much for one address as for sixteen, so the loop's fetches drop by the lane count. Needs subgroups as wide as
+   * the workgroup.
+   */
+  shareRows: boolean;
 }
 
 export interface AttentionShape {
@@ -157,10 +165,52 @@ function dot(a: string, b: string, words: number): string {
   return `dot(${level[0]}, vec4<f32>(1.0))`;
 }
 
+/**
+ * The loop's rows: WGSL declaring `${name}0..` (Dh/4 vec4 words) for each name, where `load(n, word)` is the
+ * expression of word `word` of row number n (an index into `names`), and the per-lane setup that goes before the
+ * loop. Without sharing, every lane loads every word. With sharing, the rows' words are numbered one after another
+ * and lane l fetches words l, l + lanes, ...; `tag` keeps the names of several such groups apart.
+ */
+function loopRows(
+  spec: AttentionSpec,
+  tag: string,
+  names: string[],
+  load: (n: string, word: string) => string,
+): { setup: string; loads: string } {
+  const words = spec.headDim / 4;
+  if (!spec.shareRows) {
+    return {
+      setup: "",
+      loads: names.map((name, n) => loadRow(name, (w) => load(`${n}u`, `${w}u`), words)).join("\n    "),
+    };
+  }
+  const lanes = spec.rowsPerGroup;
+  const total = names.length * words;
+  const shares = Math.ceil(total / lanes);
+  // Lanes past the last word fetch it again: every lane must take part in the broadcasts' subgroup.
+  const setup = range(shares).map((q) =>
+    `let ${tag}_t${q} = min(lid.x + ${q * lanes}u, ${total - 1}u); ` +
+    `let ${tag}_row${q} = ${tag}_t${q} / ${words}u; let ${tag}_word${q} = ${tag}_t${q} % ${words}u;`
+  ).join("\n  ");
+  const fetches = range(shares).map((q) => `let ${tag}_share${q} = ${load(`${tag}_row${q}`, `${tag}_word${q}`)};`);
+  const broadcasts = names.flatMap((name, n) =>
+    range(words).map((w) => {
+      const t = n * words + w;
+      return `let ${name}${w} = subgroupBroadcast(${tag}_share${Math.floor(t / lanes)}, ${t % lanes}u);`;
+    })
+  );
+  return { setup, loads: [...fetches, ...broadcasts].join(" ") };
+}
+
 function keyOf(family: string, spec: AttentionSpec): string {
   return `${family}/${spec.headDim}/${spec.causal ? "causal" : "full"}/${spec.rowsPerGroup}x${spec.rowsPerInvocation}/${
-    spec.texture ? "texture" : "buffer"
+    spec.shareRows ? "shared" : spec.texture ? "texture" : "buffer"
   }`;
+}
+
+/** The forward and query-gradient loops read key and value rows j: parts 1 and 2 of qkv. */
+function keyValueRows(spec: AttentionSpec): { setup: string; loads: string } {
+  return loopRows(spec, "kv", ["k", "v"], (n, word) => `load_qkv(p, j, 1u + ${n}, ${word})`);
 }
 
 /** One past the last row of the workgroup's chunk: with a causal mask, no row of it sees a key past that. */
@@ -176,6 +226,7 @@ export function attentionForwardKernel(spec: AttentionSpec): Kernel {
   const words = spec.headDim / 4;
   const rows = range(spec.rowsPerInvocation);
   const perRow = (f: (r: number) => string, sep = "\n    ") => rows.map(f).join(sep);
+  const kv = keyValueRows(spec);
   return {
     key: keyOf("attention_fwd", spec),
     wgsl: () =>
@@ -189,10 +240,10 @@ fn main${PARAMS} {
   ${perRow((r) => loadRow(`q${r}_`, qkvRow(`rc${r}`, 0), words), "\n  ")}
   ${perRow((r) => range(words).map((w) => `var acc${r}_${w} = vec4<f32>(0.0);`).join(" "), "\n  ")}
   ${perRow((r) => `var m${r} = ${MASKED}; var l${r} = 0.0;`, " ")}
+  ${kv.setup}
   let end = ${spec.causal ? chunkEnd(spec) : "d.tokens"};
   for (var j = 0u; j < end; j++) {
-    ${loadRow("k", qkvRow("j", 1), words)}
-    ${loadRow("v", qkvRow("j", 2), words)}
+    ${kv.loads}
     ${
         perRow((r) =>
           `{
@@ -230,6 +281,7 @@ export function attentionBackwardQueryKernel(spec: AttentionSpec): Kernel {
   const words = spec.headDim / 4;
   const rows = range(spec.rowsPerInvocation);
   const perRow = (f: (r: number) => string, sep = "\n  ") => rows.map(f).join(sep);
+  const kv = keyValueRows(spec);
   return {
     key: keyOf("attention_bwd_q", spec),
     wgsl: () =>
@@ -260,10 +312,10 @@ fn main${PARAMS} {
   ${range(words).map((w) => `var dq${r}_${w} = vec4<f32>(0.0);`).join(" ")}`
         )
       }
+  ${kv.setup}
   let end = ${spec.causal ? chunkEnd(spec) : "d.tokens"};
   for (var j = 0u; j < end; j++) {
-    ${loadRow("k", qkvRow("j", 1), words)}
-    ${loadRow("v", qkvRow("j", 2), words)}
+    ${kv.loads}
     ${
         perRow((r) =>
           `{
@@ -298,6 +350,9 @@ export function attentionBackwardKeyValueKernel(spec: AttentionSpec): Kernel {
   const words = spec.headDim / 4;
   const rows = range(spec.rowsPerInvocation);
   const perRow = (f: (r: number) => string, sep = "\n  ") => rows.map(f).join(sep);
+  // The query rows i: part 0 of qkv, and the output gradient's rows.
+  const q = loopRows(spec, "q", ["q"], (_, word) => `load_qkv(p, i, 0u, ${word})`);
+  const g = loopRows(spec, "g", ["g"], (_, word) => `load_dout(p, i, ${word})`);
   return {
     key: keyOf("attention_bwd_kv", spec),
     wgsl: () =>
@@ -323,10 +378,12 @@ fn main${PARAMS} {
   ${range(words).map((w) => `var dk${r}_${w} = vec4<f32>(0.0); var dv${r}_${w} = vec4<f32>(0.0);`).join(" ")}`
         )
       }
+  ${q.setup}
+  ${g.setup}
   // Causal: queries before this chunk's first key see none of its keys.
   for (var i = ${spec.causal ? "p.first" : "0u"}; i < d.tokens; i++) {
-    ${loadRow("q", qkvRow("i", 0), words)}
-    ${loadRow("g", doutRow("i"), words)}
+    ${q.loads}
+    ${g.loads}
     let stat = stat_at(p, i);
     let row_lse = lse[stat];
     let row_dot = dots[stat];

@@ -1,9 +1,10 @@
 // The fused attention kernels against a float64 reference: outputs and the gradient of the packed q/k/v tensor,
 // causal and not, with token counts that fill no whole workgroup.
+import assert from "node:assert/strict";
 import { assertClose, gpu, param, randomArray } from "./helpers.ts";
 import { backward } from "../lib/tensor/autograd.ts";
 import { fromArray } from "../lib/tensor/create.ts";
-import { attention, setAttentionReads } from "../lib/tensor/ops/attention.ts";
+import { attention, canShareRows, setAttentionReads } from "../lib/tensor/ops/attention.ts";
 import { mul, sum } from "../lib/tensor/ops/elementwise.ts";
 import { withScope } from "../lib/tensor/tensor.ts";
 
@@ -77,7 +78,11 @@ const CASES: Case[] = [
   { batch: 1, tokens: 1, heads: 1, headDim: 4, causal: true },
 ];
 
-for (const [c, reads] of CASES.flatMap((c) => (["buffer", "texture"] as const).map((r) => [c, r] as const))) {
+// "shared" runs where the device has subgroups as wide as a workgroup (lavapipe on Vulkan); elsewhere the case
+// checks that forcing it is refused by name.
+for (
+  const [c, reads] of CASES.flatMap((c) => (["buffer", "texture", "shared"] as const).map((r) => [c, r] as const))
+) {
   Deno.test(
     `attention (${reads} reads): B=${c.batch} T=${c.tokens} H=${c.heads} Dh=${c.headDim} ${
       c.causal ? "causal" : "full"
@@ -91,6 +96,10 @@ for (const [c, reads] of CASES.flatMap((c) => (["buffer", "texture"] as const).m
         const qkv = param(g, [c.batch, c.tokens, 3 * width], 71, -1.5, 1.5);
         const upValues = Float64Array.from(Float32Array.from(randomArray(c.batch * c.tokens * width, 72)));
         const up = fromArray(g, Float32Array.from(upValues), [c.batch, c.tokens, width]);
+        if (reads === "shared" && !canShareRows(g)) {
+          assert.throws(() => attention(qkv.t, { heads: c.heads, causal: c.causal }), /shared reads need subgroups/);
+          return;
+        }
         const out = attention(qkv.t, { heads: c.heads, causal: c.causal });
         backward(sum(mul(out, up)));
         const want = reference(qkv.v, upValues, c);

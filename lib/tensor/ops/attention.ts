@@ -27,8 +27,11 @@ function rowsPerGroup(gpu: Gpu): number {
   return gpu.adapter.isSoftware ? gpu.adapter.cpuLanes || 8 : 32;
 }
 
-/** How attention reads its row matrices: "auto" picks per adapter; the others force one (tests, benchmarks). */
-export type AttentionReads = "auto" | "buffer" | "texture";
+/**
+ * How attention reads its row matrices: "auto" picks per adapter; the others force one (tests, benchmarks).
+ * "shared": texture reads whose loop rows the lanes fetch once between them (`AttentionSpec.shareRows`).
+ */
+export type AttentionReads = "auto" | "buffer" | "texture" | "shared";
 
 let readsOverride: AttentionReads = "auto";
 
@@ -44,11 +47,25 @@ export function setAttentionReads(reads: AttentionReads): AttentionReads {
  * must fit the adapter's textures once wrapped into segments.
  */
 function useTextures(gpu: Gpu, rows: number, width: number): boolean {
-  if (readsOverride !== "auto") return readsOverride === "texture";
+  if (readsOverride !== "auto") return readsOverride !== "buffer";
   if (!gpu.adapter.isSoftware) return false;
   const maxSide = gpu.adapter.limits.maxTextureDimension2D ?? 8192;
   const layout = rowLayout(rows, 3 * width);
   return maxSide >= TEXTURE_SEGMENT_ROWS && 2 ** Math.ceil(Math.log2(layout.width)) <= maxSide;
+}
+
+/** Whether the device's subgroups are as wide as an attention workgroup, which shared reads need. */
+export function canShareRows(gpu: Gpu): boolean {
+  return gpu.adapter.subgroupSize > 0 && gpu.adapter.subgroupSize === rowsPerGroup(gpu);
+}
+
+/** Whether texture reads share the loop's rows across the lanes: wherever the device can. */
+function shareRows(gpu: Gpu, texture: boolean): boolean {
+  const can = canShareRows(gpu);
+  if (readsOverride === "shared" && !can) {
+    throw new Error(`attention: shared reads need subgroups of ${rowsPerGroup(gpu)} lanes, which this device lacks`);
+  }
+  return readsOverride === "auto" ? texture && can : readsOverride === "shared";
 }
 
 /** A [rows, cols] matrix as one texture row per matrix row (cols is a multiple of 4 here). */
@@ -83,13 +100,15 @@ export function attention(qkv: Tensor, opts: AttentionOptions): Tensor {
   }
   const gpu = qkv.gpu;
   const lanes = rowsPerGroup(gpu);
+  const texture = useTextures(gpu, batch * tokens, width);
   const spec: AttentionSpec = {
     headDim: width / heads,
     causal: opts.causal ?? false,
     rowsPerGroup: lanes,
     // A whole head's rows in one workgroup, up to 8 per invocation (more would only add register spills).
     rowsPerInvocation: Math.min(MAX_ROWS_PER_INVOCATION, Math.ceil(tokens / lanes)),
-    texture: useTextures(gpu, batch * tokens, width),
+    texture,
+    shareRows: shareRows(gpu, texture),
   };
   const shape: AttentionShape = { batch, tokens, heads };
   const uniforms = attentionUniforms(shape, 1 / Math.sqrt(spec.headDim));
