@@ -86,7 +86,7 @@ for (
   Deno.test(
     `attention (${reads} reads): B=${c.batch} T=${c.tokens} H=${c.heads} Dh=${c.headDim} ${
       c.causal ? "causal" : "full"
-    } vs float64`,
+    } vs float64${reads === "shared" ? " (refused by name without subgroups)" : ""}`,
     async () => {
       const g = await gpu();
       const previous = setAttentionReads(reads);
