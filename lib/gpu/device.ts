@@ -77,6 +77,14 @@ function limitsRecord(limits: GPUSupportedLimits): Record<string, number> {
   return out;
 }
 
+/**
+ * Whether a workgroup of `lanes` invocations is exactly one subgroup, so that subgroup operations reach all of it:
+ * the kernels that share fetches across their lanes need that.
+ */
+export function subgroupIsWorkgroup(adapter: AdapterSummary, lanes: number): boolean {
+  return adapter.subgroupSize > 0 && adapter.subgroupSize === lanes;
+}
+
 export interface DeviceHandle {
   adapter: GPUAdapter;
   device: GPUDevice;

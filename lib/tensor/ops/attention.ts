@@ -8,6 +8,7 @@ import {
   attentionWorkgroups,
 } from "../../../kernels/attention.ts";
 import { operandLayout, TEXTURE_SEGMENT_ROWS } from "../../../kernels/matmul_texture.ts";
+import { subgroupIsWorkgroup } from "../../gpu/device.ts";
 import type { Gpu } from "../../gpu/runtime.ts";
 import { fillOperandTexture, texturePool } from "./texture_operand.ts";
 import { record } from "../autograd.ts";
@@ -56,7 +57,7 @@ function useTextures(gpu: Gpu, rows: number, width: number): boolean {
 
 /** Whether the device's subgroups are as wide as an attention workgroup, which shared reads need. */
 export function canShareRows(gpu: Gpu): boolean {
-  return gpu.adapter.subgroupSize > 0 && gpu.adapter.subgroupSize === rowsPerGroup(gpu);
+  return subgroupIsWorkgroup(gpu.adapter, rowsPerGroup(gpu));
 }
 
 /** Whether texture reads share the loop's rows across the lanes: wherever the device can. */

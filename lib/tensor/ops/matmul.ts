@@ -25,7 +25,7 @@ import {
   textureMatmulUniforms,
   textureMatmulWorkgroups,
 } from "../../../kernels/matmul_texture.ts";
-import type { AdapterSummary } from "../../gpu/device.ts";
+import { type AdapterSummary, subgroupIsWorkgroup } from "../../gpu/device.ts";
 import { elementGroups, unaryBackwardKernel, type UnaryOp } from "../../../kernels/elementwise.ts";
 import { isGradEnabled, record } from "../autograd.ts";
 import { empty, emptyLike } from "../create.ts";
@@ -152,7 +152,7 @@ export function setTextureKernel(choice: TextureKernelChoice | null): TextureKer
 
 /** Whether the adapter's subgroups are as wide as the texture kernel's workgroups, which sharing A needs. */
 export function canShareA(adapter: AdapterSummary): boolean {
-  return adapter.subgroupSize > 0 && adapter.subgroupSize === textureLanes(adapter);
+  return subgroupIsWorkgroup(adapter, textureLanes(adapter));
 }
 
 /**
