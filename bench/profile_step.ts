@@ -17,7 +17,7 @@ import { loadModel } from "../lib/nn/load.ts";
 import { Scope } from "../lib/tensor/tensor.ts";
 import { AdamW, OPEN_CLIP_ADAMW } from "../lib/train/optimizer.ts";
 import { recordStep } from "../lib/train/step.ts";
-import { syntheticBatch } from "./shared.ts";
+import { median, syntheticBatch } from "./shared.ts";
 
 interface FamilyTimes {
   dispatches: number;
@@ -25,7 +25,6 @@ interface FamilyTimes {
   perStep: number[];
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 const fmt = (ms: number) => ms.toFixed(1).padStart(9);
 
 async function main(): Promise<number> {
